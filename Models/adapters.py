@@ -1,0 +1,286 @@
+"""Adapter experts of MoA (SPEC §2, §3.6): LoRA / MoLoRA / HydraLoRA, parallel adapter, zero-gated prompt, and the
+sparse MoE-LoRA forms (Top-K, AdaMoLE) with their load-balance loss.
+
+One interface: `delta = adapter(x)`; the block's route decides how the delta is weighted. Attribute names follow
+the reference (`lora_A`, `lora_B_l.{e}`, `down_proj`, `expert.router.topkroute_linear`, ...) so adapter files move
+between the two implementations without renaming.
+"""
+import math
+
+from Utils.runtime import import_jittor
+
+jt = import_jittor()
+nn = jt.nn
+
+
+# ---------------------------------------------------------------------------- initialisers (torch semantics)
+def linear(in_features, out_features, bias=True, init="default"):
+    """nn.Linear initialised as torch would: default = Kaiming-uniform(a=√5) ≡ U(±1/√in) for weight and bias;
+    'zeros' for LoRA B; ('xavier', gain) for the parallel adapter; biases zero unless default."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    bound = 1.0 / math.sqrt(in_features)
+    if init == "default":
+        layer.weight = jt.init.uniform((out_features, in_features), "float32", -bound, bound)
+        if bias:
+            layer.bias = jt.init.uniform((out_features,), "float32", -bound, bound)
+    elif init == "zeros":
+        layer.weight = jt.zeros((out_features, in_features), "float32")
+        if bias:
+            layer.bias = jt.zeros((out_features,), "float32")
+    elif isinstance(init, tuple) and init[0] == "xavier":
+        xb = init[1] * math.sqrt(6.0 / (in_features + out_features))
+        layer.weight = jt.init.uniform((out_features, in_features), "float32", -xb, xb)
+        if bias:
+            layer.bias = jt.zeros((out_features,), "float32")
+    elif init == "default_zero_bias":
+        layer.weight = jt.init.uniform((out_features, in_features), "float32", -bound, bound)
+        if bias:
+            layer.bias = jt.zeros((out_features,), "float32")
+    else:
+        raise ValueError(init)
+    return layer
+
+
+def softmax32(logits):
+    """Router softmax in float32, cast back to the activation dtype (SPEC §2.3)."""
+    return nn.softmax(logits.float32(), dim=-1).cast(logits.dtype)
+
+
+class _Recorder:
+    """Mixin: keep the last routing weights (detached numpy on request) without changing outputs."""
+    _record = False
+    _last_weights = None
+
+    def _remember(self, weights):
+        if self._record:
+            self._last_weights = weights.detach()
+
+
+# ---------------------------------------------------------------------------- LoRA family
+class MOELoraLayer(nn.Module, _Recorder):
+    """LoRA on one projection (SPEC §2.2–2.3): E=1 plain LoRA; E>1 MoLoRA (E pairs) or HydraLoRA (shared A).
+
+    delta(x) = Σ_e g_e · (α/r) · B_e A_(e) x with g = softmax(router x) (fp32) when E > 1.
+    """
+
+    def __init__(self, in_features, out_features, rank, alpha, expert_num=1, hydra=False):
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.expert_num = rank, expert_num
+        self.hydra = bool(hydra) and expert_num > 1
+        self.scaling = alpha / rank
+        if expert_num == 1:
+            self.lora_A = linear(in_features, rank, bias=False)
+            self.lora_B = linear(rank, out_features, bias=False, init="zeros")
+            return
+        self.router = linear(in_features, expert_num, bias=False)
+        if self.hydra:
+            self.lora_A = linear(in_features, rank, bias=False)
+        else:
+            self.lora_A_l = nn.ModuleList([linear(in_features, rank, bias=False) for _ in range(expert_num)])
+        self.lora_B_l = nn.ModuleList([linear(rank, out_features, bias=False, init="zeros")
+                                       for _ in range(expert_num)])
+
+    def execute(self, x):
+        if self.expert_num == 1:
+            return self.lora_B(self.lora_A(x)) * self.scaling
+        g = softmax32(self.router(x))                         # [..., E]
+        self._remember(g)
+        shared = self.lora_A(x) if self.hydra else None
+        out = None
+        for e in range(self.expert_num):
+            h = shared if self.hydra else self.lora_A_l[e](x)
+            term = self.lora_B_l[e](h) * g[..., e:e + 1]
+            out = term if out is None else out + term
+        return out * self.scaling
+
+
+class LoraExpert(nn.Module):
+    """One LoRA expert of the sparse MoE-LoRA modules: (α/r) · B A x."""
+
+    def __init__(self, in_features, out_features, rank, alpha):
+        self.lora_A = linear(in_features, rank, bias=False)
+        self.lora_B = linear(rank, out_features, bias=False, init="zeros")
+        self.scaling = alpha / rank
+
+    def execute(self, x):
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class NoisyTopkRouter(nn.Module):
+    """Top-K router logits: linear(x) (+ N(0,1)·softplus(noise_linear x) when noisy, as the reference, always)."""
+
+    def __init__(self, in_features, expert_num, noisy):
+        self.topkroute_linear = linear(in_features, expert_num)
+        self.noisy = noisy
+        if noisy:
+            self.noise_linear = linear(in_features, expert_num)
+
+    def execute(self, x):
+        logits = self.topkroute_linear(x)
+        if self.noisy:
+            logits = logits + jt.randn(logits.shape) * nn.softplus(self.noise_linear(x))
+        return logits
+
+
+def load_balance_loss(frac_counts, probs, n_tokens, expert_num):
+    """Switch-style auxiliary loss (SPEC §3.6): E · Σ_e (count_e/N) · (Σ_tokens p_e / N)."""
+    return expert_num * ((frac_counts / n_tokens) * (probs.sum(0) / n_tokens)).sum()
+
+
+class TopKMoE(nn.Module, _Recorder):
+    """Top-K MoE-LoRA: p = softmax(router x); keep the top-k probabilities renormalised to sum 1."""
+
+    def __init__(self, in_features, out_features, rank, alpha, expert_num, top_k, noisy):
+        self.router = NoisyTopkRouter(in_features, expert_num, noisy)
+        self.experts = nn.ModuleList([LoraExpert(in_features, out_features, rank, alpha) for _ in range(expert_num)])
+        self.expert_num, self.top_k = expert_num, top_k
+        self._lb_loss = None
+
+    def execute(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                               # [N, in]
+        p = nn.softmax(self.router(flat), dim=-1)                     # [N, E]
+        _, idx = jt.topk(p, self.top_k, dim=-1)                       # [N, k]
+        sel = jt.zeros(p.shape, dtype=p.dtype)
+        for j in range(self.top_k):
+            sel = sel + (jt.arange(self.expert_num).reshape(1, -1) == idx[:, j:j + 1]).cast(p.dtype)
+        sel = sel.stop_grad()
+        w = p * sel
+        w = w / w.sum(-1, keepdims=True)
+        self._remember(w.reshape(*shape[:-1], self.expert_num))
+        if self.is_training():
+            self._lb_loss = load_balance_loss(sel.sum(0), p, flat.shape[0], self.expert_num)
+        out = None
+        for e in range(self.expert_num):
+            term = self.experts[e](flat) * w[:, e:e + 1]
+            out = term if out is None else out + term
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class AdaMoLE(nn.Module, _Recorder):
+    """AdaMoLE: g = softmax(router x); τ = σ(threshold_fn x)/E; w = (g−τ)·1[g≥τ], renormalised (sum 0 → 1)."""
+
+    def __init__(self, in_features, out_features, rank, alpha, expert_num, noisy):
+        self.router = linear(in_features, expert_num)
+        self.noisy = noisy
+        if noisy:
+            self.noise_linear = linear(in_features, expert_num)
+        self.threshold_fn = linear(in_features, 1)
+        self.experts = nn.ModuleList([LoraExpert(in_features, out_features, rank, alpha) for _ in range(expert_num)])
+        self.expert_num = expert_num
+        self._lb_loss = None
+
+    def execute(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = self.router(flat)
+        if self.noisy:
+            logits = logits + jt.randn(logits.shape) * nn.softplus(self.noise_linear(flat))
+        g = nn.softmax(logits, dim=-1)
+        tau = jt.sigmoid(self.threshold_fn(flat)) / self.expert_num
+        a = g - tau
+        m = (a >= 0).cast(a.dtype).stop_grad()
+        w = a * m
+        s = w.sum(-1, keepdims=True)
+        w = w / jt.ternary(s == 0, jt.ones_like(s), s)
+        self._remember(w.reshape(*shape[:-1], self.expert_num))
+        if self.is_training():
+            self._lb_loss = load_balance_loss(m.sum(0), a, flat.shape[0], self.expert_num)
+        out = None
+        for e in range(self.expert_num):
+            term = self.experts[e](flat) * w[:, e:e + 1]
+            out = term if out is None else out + term
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class SparseMoELoraLayer(nn.Module):
+    """Holder matching the reference's `lora_X.expert.*` key layout for Top-K and AdaMoLE."""
+
+    def __init__(self, in_features, out_features, rank, alpha, expert_num, routing, top_k=1, noisy=False):
+        if routing == "topk_moe":
+            self.expert = TopKMoE(in_features, out_features, rank, alpha, expert_num, top_k, noisy)
+        else:
+            self.expert = AdaMoLE(in_features, out_features, rank, alpha, expert_num, noisy)
+
+    def execute(self, x):
+        return self.expert(x)
+
+
+# ---------------------------------------------------------------------------- parallel adapter
+class PAdapterLayer(nn.Module, _Recorder):
+    """FFN-parallel bottleneck up(silu(down h)) on the ffn-normed state (SPEC §2.4); Xavier gain 1e-4, zero bias."""
+
+    def __init__(self, dim, size, expert_num=1, hydra=False):
+        self.expert_num = expert_num
+        self.hydra = bool(hydra) and expert_num > 1
+        init = ("xavier", 1e-4)
+        if expert_num == 1:
+            self.down_proj = linear(dim, size, init=init)
+            self.up_proj = linear(size, dim, init=init)
+            return
+        self.router = linear(dim, expert_num)
+        if self.hydra:
+            self.down_proj = linear(dim, size, init=init)
+        else:
+            self.down_proj_l = nn.ModuleList([linear(dim, size, init=init) for _ in range(expert_num)])
+        self.up_proj_l = nn.ModuleList([linear(size, dim, init=init) for _ in range(expert_num)])
+
+    def execute(self, x):
+        if self.expert_num == 1:
+            return self.up_proj(nn.silu(self.down_proj(x)))
+        g = softmax32(self.router(x))
+        self._remember(g)
+        shared = nn.silu(self.down_proj(x)) if self.hydra else None
+        out = None
+        for e in range(self.expert_num):
+            h = shared if self.hydra else nn.silu(self.down_proj_l[e](x))
+            term = self.up_proj_l[e](h) * g[..., e:e + 1]
+            out = term if out is None else out + term
+        return out
+
+
+# ---------------------------------------------------------------------------- prompt adapter
+class PromptEmbedding(nn.Module):
+    """The prompt table `prompt.weight` [E·P, d], N(0,1) like nn.Embedding's default."""
+
+    def __init__(self, n, dim):
+        self.weight = jt.randn((n, dim), "float32")
+
+
+def attach_prompt(attention, args):
+    """Give an Attention the reference's prompt parameters: `prompt`, zero `prompt_gate`, `prompt_router` (E>1)."""
+    E = args.expert_num if args.routing in ("soft_moe", "soft_moa", "topk_moe", "adamole") else 1
+    attention.prompt_experts = E
+    attention.prompt_len = args.prompt_len
+    attention.prompt = PromptEmbedding(E * args.prompt_len, args.dim)
+    attention.prompt_gate = jt.zeros((1, args.n_heads, 1, 1), "float32")
+    if E > 1:
+        attention.prompt_router = linear(args.dim, E)
+
+
+def prompt_attention(attention, q, x):
+    """Zero-gated prompt attention (SPEC §2.5); q: RoPE'd queries [B, H, T, hd], x: attention-normed input.
+
+    Keys/values of the prompt go through the frozen wk/wv (no norm, no RoPE); their softmax is separate from the
+    causal one; the per-head gate multiplies the probabilities. Returns [B, H, T, hd].
+    """
+    from Models.llama import repeat_kv
+    B, H, T, hd = q.shape
+    E, P = attention.prompt_experts, attention.prompt_len
+    pm = attention.prompt.weight.cast(q.dtype)                            # [E·P, d]
+    kp = attention.wk(pm).reshape(1, E * P, attention.n_kv_heads, hd)
+    vp = attention.wv(pm).reshape(1, E * P, attention.n_kv_heads, hd)
+    kp = repeat_kv(kp, attention.n_rep).transpose(0, 2, 3, 1)            # [1, H, hd, E·P]
+    vp = repeat_kv(vp, attention.n_rep).transpose(0, 2, 1, 3)            # [1, H, E·P, hd]
+    scores = jt.matmul(q, kp.broadcast((B, H, hd, E * P))).float32() / math.sqrt(hd)
+    probs = nn.softmax(scores, dim=-1).cast(q.dtype) * attention.prompt_gate.cast(q.dtype)   # [B, H, T, E·P]
+    vp = vp.broadcast((B, H, E * P, hd))
+    if E == 1:
+        return jt.matmul(probs, vp)
+    g = softmax32(attention.prompt_router(x))                            # [B, T, E]
+    out = None
+    for e in range(E):
+        o_e = jt.matmul(probs[..., e * P:(e + 1) * P], vp[:, :, e * P:(e + 1) * P, :])   # [B, H, T, hd]
+        term = o_e * g[..., e].reshape(B, 1, T, 1)
+        out = term if out is None else out + term
+    return out

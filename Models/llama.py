@@ -1,0 +1,252 @@
+"""LLaMA-3 / 3.1 transformer (SPEC §1) in Jittor, with Meta's parameter names and the adapter insertion points of §2.
+
+Order as in Meta's model.py: RMSNorm, RoPE helpers, Attention (lazy KV cache), FeedForward, TransformerBlock,
+Transformer. Adapters are attached by `Models.moa.attach_adapters`; each block asks its `route` (built by the
+block's routing module) how to weight an adapter's output, so attention and FFN code stay routing-agnostic.
+"""
+import math
+
+import numpy as np
+
+from Models.adapters import prompt_attention
+from Models.routing import build_route
+from Utils.runtime import import_jittor
+
+jt = import_jittor()
+nn = jt.nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        self.eps = eps
+        self.weight = jt.ones(dim)
+
+    def execute(self, x):
+        xf = x.float32()  # statistics in fp32 (SPEC §1.2), cast back before the weight
+        normed = xf * jt.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)
+        return normed.cast(x.dtype) * self.weight
+
+
+def rope_frequencies(head_dim, theta, use_scaled_rope):
+    """Base RoPE frequencies f_j = theta^(-2j/hd), with Llama-3.1's piecewise rescaling (SPEC §1.3)."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2)[: head_dim // 2].astype(np.float64) / head_dim))
+    if not use_scaled_rope:
+        return freqs.astype(np.float32)
+    scale, low_freq_factor, high_freq_factor, old_context_len = 8.0, 1.0, 4.0, 8192
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    out = []
+    for f in freqs.astype(np.float32).astype(np.float64):
+        wavelen = 2 * math.pi / f
+        if wavelen < high_freq_wavelen:
+            out.append(f)
+        elif wavelen > low_freq_wavelen:
+            out.append(f / scale)
+        else:
+            s = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append((1 - s) * f / scale + s * f)
+    return np.array(out, dtype=np.float32)
+
+
+def precompute_freqs_cis(head_dim, end, theta=500000.0, use_scaled_rope=False):
+    """cos/sin tables [end, hd/2] (float32) for positions 0..end-1 (the complex exp(i·pos·f_j) of Meta's code)."""
+    freqs = rope_frequencies(head_dim, theta, use_scaled_rope)
+    angles = np.outer(np.arange(end, dtype=np.float32), freqs).astype(np.float32)
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate consecutive pairs (x[2j], x[2j+1]) — Meta's interleaved layout, not HF's rotate-half.
+
+    x: [B, T, H, hd]; cos/sin: [T, hd/2].
+    """
+    B, T, H, hd = x.shape
+    xf = x.float32().reshape(B, T, H, hd // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]                         # [B, T, H, hd/2]
+    c = cos.reshape(1, T, 1, hd // 2)
+    s = sin.reshape(1, T, 1, hd // 2)
+    out = jt.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # [B, T, H, hd/2, 2]
+    return out.reshape(B, T, H, hd).cast(x.dtype)
+
+
+def repeat_kv(x, n_rep):
+    """[B, S, H_kv, hd] → [B, S, H_kv·n_rep, hd]; KV head j serves query heads j·n_rep .. j·n_rep+n_rep-1."""
+    if n_rep == 1:
+        return x
+    B, S, Hkv, hd = x.shape
+    return x.reshape(B, S, Hkv, 1, hd).broadcast((B, S, Hkv, n_rep, hd)).reshape(B, S, Hkv * n_rep, hd)
+
+
+def causal_mask(T, start_pos):
+    """Additive mask [T, start_pos+T]: 0 on cached and past positions, -inf strictly above the diagonal."""
+    if T == 1:
+        return None
+    m = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
+    if start_pos:
+        m = np.concatenate([np.zeros((T, start_pos), np.float32), m], axis=1)
+    return jt.array(m)
+
+
+class NoRoute:
+    """Routing of a block without a router: adapter outputs are added unweighted."""
+
+    def apply(self, name, adapter, x):
+        return adapter(x)
+
+    def scale(self, name, delta):
+        return delta
+
+
+NO_ROUTE = NoRoute()
+
+
+def _add(base, delta):
+    return base if delta is None else base + delta.cast(base.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.n_rep = args.n_heads // args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.max_seq_len = args.max_seq_len
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Adapters (set by Models.moa.attach_adapters), named as in the reference.
+        self.lora_Q = self.lora_K = self.lora_V = self.lora_O = None
+        self.prompt = self.prompt_gate = self.prompt_router = None
+        # Underscore names: KV caches must never become parameters (JITTOR_NOTES A1).
+        self._cache_k = self._cache_v = None
+
+    def free_cache(self):
+        self._cache_k = self._cache_v = None
+
+    def _lora(self, name, x, route):
+        mod = getattr(self, name)
+        return None if mod is None else route.apply(name, mod, x)
+
+    def execute(self, x, start_pos, cos, sin, mask, route=NO_ROUTE, use_cache=False):
+        B, T, _ = x.shape
+        xq = _add(self.wq(x), self._lora("lora_Q", x, route))
+        xk = _add(self.wk(x), self._lora("lora_K", x, route))
+        xv = _add(self.wv(x), self._lora("lora_V", x, route))
+        xq = apply_rotary_emb(xq.reshape(B, T, self.n_heads, self.head_dim), cos, sin)
+        xk = apply_rotary_emb(xk.reshape(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        xv = xv.reshape(B, T, self.n_kv_heads, self.head_dim)
+
+        if use_cache:
+            if self._cache_k is None or self._cache_k.shape[0] != B:
+                # Lazily sized to the batch actually used (D14).
+                shape = (B, self.max_seq_len, self.n_kv_heads, self.head_dim)
+                self._cache_k = jt.zeros(shape, dtype=xk.dtype).stop_grad()
+                self._cache_v = jt.zeros(shape, dtype=xv.dtype).stop_grad()
+            self._cache_k[:, start_pos:start_pos + T] = xk
+            self._cache_v[:, start_pos:start_pos + T] = xv
+            keys = self._cache_k[:, :start_pos + T]
+            values = self._cache_v[:, :start_pos + T]
+        else:
+            assert start_pos == 0, "without a cache the sequence must start at position 0"
+            keys, values = xk, xv
+
+        keys = repeat_kv(keys, self.n_rep).transpose(0, 2, 3, 1)         # [B, H, hd, S]
+        values = repeat_kv(values, self.n_rep).transpose(0, 2, 1, 3)     # [B, H, S, hd]
+        q = xq.transpose(0, 2, 1, 3)                                      # [B, H, T, hd]
+        scores = jt.matmul(q, keys).float32() / math.sqrt(self.head_dim)  # [B, H, T, S]
+        if mask is not None:
+            scores = scores + mask
+        probs = nn.softmax(scores, dim=-1).cast(q.dtype)
+        output = jt.matmul(probs, values)                                 # [B, H, T, hd]
+        if self.prompt is not None:
+            # Zero-gated prompt (SPEC §2.5): own softmax over prompt slots, frozen wk/wv, weighted by the route.
+            output = _add(output, route.scale("prompt", prompt_attention(self, q, x)))
+        output = output.transpose(0, 2, 1, 3).reshape(B, T, -1)           # [B, T, H·hd]
+        return _add(self.wo(output), self._lora("lora_O", output, route))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+        self.lora_GATE = self.lora_UP = self.lora_DOWN = None  # on w1, w3, w2
+
+    def _lora(self, name, x, route):
+        mod = getattr(self, name)
+        return None if mod is None else route.apply(name, mod, x)
+
+    def execute(self, x, route=NO_ROUTE):
+        gate = _add(self.w1(x), self._lora("lora_GATE", x, route))
+        up = _add(self.w3(x), self._lora("lora_UP", x, route))
+        u = nn.silu(gate) * up
+        return _add(self.w2(u), self._lora("lora_DOWN", u, route))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id, args):
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.p_adapter = None     # parallel adapter beside the FFN (SPEC §2.4)
+        # Routing (Models.routing): kind, and the reference's adapter_type_router / adapter_threshold_fn /
+        # lora_gate, prompt_gate, p_adapter_gate modules, set by attach_adapters. None → adapters unweighted.
+        self.routing_kind = None
+        self.type_columns = {}
+        self.threshold_grad = "none"
+        self._instance_cache = None
+        self._record = False
+        self._last_route = None
+
+    def _remember_route(self, weights, gamma, mask):
+        if self._record:
+            self._last_route = (weights.detach(), None if gamma is None else gamma.detach(),
+                                None if mask is None else mask.detach())
+
+    def execute(self, x, start_pos, cos, sin, mask, use_cache=False):
+        route = build_route(self, x, start_pos) or NO_ROUTE
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, route, use_cache)
+        hn = self.ffn_norm(h)
+        out = h + self.feed_forward(hn, route)
+        if self.p_adapter is not None:
+            out = _add(out, route.apply("p_adapter", self.p_adapter, hn))
+        return out
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        self.args = args
+        self.vocab_size = args.vocab_size
+        self.n_layers = args.n_layers
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList([TransformerBlock(i, args) for i in range(args.n_layers)])
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta, args.use_scaled_rope)
+        self._cos_np, self._sin_np = cos, sin
+        self._cos, self._sin = jt.array(cos).stop_grad(), jt.array(sin).stop_grad()
+
+    def hidden_states(self, tokens, start_pos=0, use_cache=False):
+        """tokens [B, T] → final-normed hidden states [B, T, d]."""
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)
+        cos = self._cos[start_pos:start_pos + T]
+        sin = self._sin[start_pos:start_pos + T]
+        mask = causal_mask(T, start_pos)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin, mask, use_cache)
+        return self.norm(h)
+
+    def execute(self, tokens, start_pos=0, use_cache=False, last_only=False):
+        h = self.hidden_states(tokens, start_pos, use_cache)
+        if last_only:
+            h = h[:, -1:, :]
+        return self.output(h).float32()
+
+    def free_caches(self):
+        for layer in self.layers:
+            layer.attention.free_cache()

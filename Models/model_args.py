@@ -1,0 +1,261 @@
+"""`ModelArgs`: the LLaMA-3 base configuration (SPEC §1) plus the adapter section (SPEC §2–§5), typed and validated.
+
+The reference's string flags (`0-8,24-32`, `Q,K,V,O,FFN_DOWN`) are accepted at the edge by `parse_layers` /
+`parse_targets` and stored typed (tuples); `adapter_params()` turns them back into the reference's strings.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from Utils.errors import UserError
+
+ROUTINGS = ("soft_moa", "sparse_moa", "instance_moa", "unipeft", "soft_moe", "topk_moe", "adamole")
+# Type-column order is fixed by the reference code, not by the order in lora_targets (SPEC §3.1).
+LORA_TARGETS = ("Q", "K", "V", "O", "FFN_UP", "FFN_GATE", "FFN_DOWN")
+THRESHOLD_GRADS = ("none", "ste", "shifted")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_layers(spec, n_layers=None, name="layers"):
+    """'0-8,24-32' → (0..7, 24..31). Ranges are half-open; '0-0' or '' means none."""
+    if isinstance(spec, (tuple, list)):
+        layers = tuple(sorted({int(i) for i in spec}))
+    else:
+        spec = str(spec).strip()
+        layers = set()
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            try:
+                a, b = (int(v) for v in part.split("-"))
+            except ValueError:
+                raise UserError("%s: %r is not a list of half-open ranges like '0-32' or '0-8,24-32'" % (name, spec))
+            if a < 0 or b < a:
+                raise UserError("%s: range %r must satisfy 0 <= start <= end" % (name, part))
+            layers.update(range(a, b))
+        layers = tuple(sorted(layers))
+    if n_layers is not None and layers and layers[-1] >= n_layers:
+        raise UserError("%s: layer %d is out of range (the model has %d layers)" % (name, layers[-1], n_layers))
+    return layers
+
+
+def format_layers(layers):
+    """(0..7, 24..31) → '0-8,24-32' (the reference's string form); () → '0-0'."""
+    layers = sorted(layers)
+    if not layers:
+        return "0-0"
+    parts, start, prev = [], layers[0], layers[0]
+    for i in layers[1:]:
+        if i != prev + 1:
+            parts.append("%d-%d" % (start, prev + 1))
+            start = i
+        prev = i
+    parts.append("%d-%d" % (start, prev + 1))
+    return ",".join(parts)
+
+
+def parse_targets(spec, name="lora_targets"):
+    if isinstance(spec, (tuple, list)):
+        items = [str(t).strip() for t in spec]
+    else:
+        items = [t.strip() for t in str(spec).split(",") if t.strip()]
+    for t in items:
+        if t not in LORA_TARGETS:
+            raise UserError("%s: unknown target %r (expected a comma list of %s)" % (name, t, ",".join(LORA_TARGETS)))
+    if len(set(items)) != len(items):
+        raise UserError("%s: %r names a target twice" % (name, spec))
+    return tuple(t for t in LORA_TARGETS if t in items)
+
+
+@dataclass
+class ModelArgs:
+    # ---- base model (Meta params.json keys) ----
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 128256
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    dtype: str = "float32"  # of the frozen base; adapters are always float32 (D13)
+    # ---- adapters (SPEC §5.1 names) ----
+    routing: str = "soft_moa"
+    w_bias: bool = False
+    lora_layers: Tuple[int, ...] = ()
+    lora_rank: int = 16
+    lora_targets: Tuple[str, ...] = ("Q", "V")
+    lora_alpha: float = 8
+    expert_num: int = 1
+    hydra_moe: bool = False
+    prompt_layers: Tuple[int, ...] = ()
+    prompt_len: int = 10
+    p_adapter_layers: Tuple[int, ...] = ()
+    p_adapter_size: int = 16
+    p_adapter_hydra: bool = False
+    swi_x: int = 0
+    max_threshold: float = 0.5
+    const_threshold: bool = False
+    threshold_grad: str = "none"
+    top_k: int = 1
+    lb_loss_coeff: float = 0.001
+    noisy_router: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        self.lora_layers = parse_layers(self.lora_layers, self.n_layers, "lora_layers")
+        self.prompt_layers = parse_layers(self.prompt_layers, self.n_layers, "prompt_layers")
+        self.p_adapter_layers = parse_layers(self.p_adapter_layers, self.n_layers, "p_adapter_layers")
+        self.lora_targets = parse_targets(self.lora_targets)
+        self.validate()
+
+    def validate(self):
+        def need(cond, what):
+            if not cond:
+                raise UserError(what)
+        need(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive")
+        need(self.dim % self.n_heads == 0, "dim %d is not divisible by n_heads %d" % (self.dim, self.n_heads))
+        need(self.n_heads % self.n_kv_heads == 0,
+             "n_heads %d is not a multiple of n_kv_heads %d" % (self.n_heads, self.n_kv_heads))
+        need((self.dim // self.n_heads) % 2 == 0, "head dim must be even for RoPE")
+        need(self.routing in ROUTINGS, "routing: %r is not one of %s" % (self.routing, ", ".join(ROUTINGS)))
+        need(self.threshold_grad in THRESHOLD_GRADS,
+             "threshold_grad: %r is not one of %s" % (self.threshold_grad, ", ".join(THRESHOLD_GRADS)))
+        need(self.dtype in DTYPES, "dtype: %r is not one of %s" % (self.dtype, ", ".join(DTYPES)))
+        need(self.lora_rank > 0 and self.expert_num >= 1 and self.prompt_len > 0 and self.p_adapter_size > 0,
+             "lora_rank, expert_num, prompt_len and p_adapter_size must be positive")
+        need(self.swi_x >= 0, "swi_x must be >= 0")
+        if self.routing in ("topk_moe", "adamole"):
+            need(1 <= self.top_k <= self.expert_num or self.routing == "adamole",
+                 "top_k %d must be between 1 and expert_num %d" % (self.top_k, self.expert_num))
+        need(not ("FFN_GATE" in self.lora_targets and self.routing not in ("soft_moa", "sparse_moa")),
+             "lora_targets: FFN_GATE is only supported by soft_moa and sparse_moa, not %s" % self.routing)
+        if self.routing == "sparse_moa":
+            need(self.expert_num == 1, "expert_num: sparse_moa uses single-expert adapters (expert_num 1)")
+        if self.routing == "unipeft" and (self.lora_layers or self.prompt_layers or self.p_adapter_layers):
+            every = set(range(self.n_layers))
+            need(set(self.lora_layers) == set(self.prompt_layers) == set(self.p_adapter_layers) == every,
+                 "unipeft needs LoRA, prompt and parallel adapter in every layer (0-%d)" % self.n_layers)
+
+    # ---- derived sizes ----
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self):
+        """SPEC §1.1: 4d → int(2·4d/3) → int(mult·h) → round up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def is_moe_lora(self):
+        return self.routing in ("topk_moe", "adamole")
+
+    # ---- construction ----
+    @classmethod
+    def base_field_names(cls):
+        return ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "use_scaled_rope", "max_batch_size", "max_seq_len")
+
+    @classmethod
+    def field_names(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_params_json(cls, path, **overrides):
+        """Meta `params.json` (unknown keys are an error) merged with `overrides` (ModelArgs field names)."""
+        try:
+            with open(path) as f:
+                params = json.load(f)
+        except FileNotFoundError:
+            raise UserError("%s: not found (expected Meta's params.json)" % path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError("%s: not valid JSON (%s)" % (path, e))
+        if not isinstance(params, dict):
+            raise UserError("%s: expected a JSON object" % path)
+        unknown = sorted(set(params) - set(cls.field_names()))
+        if unknown:
+            raise UserError("%s: unknown key %r (known: %s)" % (path, unknown[0], ", ".join(cls.base_field_names())))
+        return cls.create(params, overrides, source=path)
+
+    @classmethod
+    def from_hf_config(cls, path, **overrides):
+        """Hugging Face `config.json` of a LlamaForCausalLM → the equivalent Meta parameters."""
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError("%s: cannot read Hugging Face config (%s)" % (path, e))
+        try:
+            dim, hidden = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+            params = dict(dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=int(cfg["num_attention_heads"]),
+                          n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+                          vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                          rope_theta=float(cfg.get("rope_theta", 500000.0)))
+        except KeyError as e:
+            raise UserError("%s: missing field %s" % (path, e))
+        if cfg.get("tie_word_embeddings"):
+            raise UserError("%s: tie_word_embeddings=true is not a LLaMA-3 layout (output must be untied)" % path)
+        rs = cfg.get("rope_scaling") or None
+        if rs:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind != "llama3" or float(rs.get("factor", 8)) != 8 or float(rs.get("low_freq_factor", 1)) != 1 \
+                    or float(rs.get("high_freq_factor", 4)) != 4 \
+                    or int(rs.get("original_max_position_embeddings", 8192)) != 8192:
+                raise UserError("%s: rope_scaling %r is not Llama-3.1's (llama3, 8, 1, 4, 8192)" % (path, rs))
+            params["use_scaled_rope"] = True
+        # intermediate_size is given directly: find the multiple_of/multiplier pair reproducing it.
+        params.update(_ffn_rule_for(dim, hidden))
+        return cls.create(params, overrides, source=path)
+
+    @classmethod
+    def create(cls, params, overrides=None, source="arguments"):
+        merged = dict(params)
+        for k, v in (overrides or {}).items():
+            if k not in cls.field_names():
+                raise UserError("%s: unknown model argument %r" % (source, k))
+            if v is not None:
+                merged[k] = v
+        try:
+            return cls(**merged)
+        except TypeError as e:
+            raise UserError("%s: %s" % (source, e))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def adapter_params(self):
+        """The reference's adapter_params.json keys (SPEC §5.4) plus ours (routing, threshold_grad)."""
+        return {
+            "routing": self.routing, "w_bias": self.w_bias,
+            "lora_layers": format_layers(self.lora_layers), "lora_rank": self.lora_rank,
+            "lora_targets": ",".join(self.lora_targets), "lora_alpha": self.lora_alpha,
+            "swi_x": self.swi_x, "p_adapter_layers": format_layers(self.p_adapter_layers),
+            "p_adapter_size": self.p_adapter_size, "p_adapter_hydra": self.p_adapter_hydra,
+            "prompt_layers": format_layers(self.prompt_layers), "prompt_len": self.prompt_len,
+            "max_seq_len": self.max_seq_len, "expert_num": self.expert_num, "hydra_moe": self.hydra_moe,
+            "max_threshold": self.max_threshold, "const_threshold": self.const_threshold,
+            "threshold_grad": self.threshold_grad, "top_k": self.top_k, "lb_loss_coeff": self.lb_loss_coeff,
+            "noisy_router": self.noisy_router, "adamole": self.routing == "adamole",
+        }
+
+
+def _ffn_rule_for(dim, hidden):
+    base = int(2 * (4 * dim) / 3)
+    if hidden == base:
+        return {"multiple_of": 1, "ffn_dim_multiplier": None}
+    for mult in (1.3, 1.5, 1.0, 1.2, 1.25, 1.4, 2.0, 1.05, 1.1):
+        h = int(mult * base)
+        for mo in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+            if mo * ((h + mo - 1) // mo) == hidden:
+                return {"multiple_of": mo, "ffn_dim_multiplier": mult}
+    # Any width is reachable with multiple_of = hidden and a multiplier that lands in (0, hidden].
+    return {"multiple_of": hidden, "ffn_dim_multiplier": hidden / base}
