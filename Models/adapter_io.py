@@ -1,0 +1,154 @@
+"""Adapter files shared with the PyTorch original (SPEC §5.4–5.5, D11): `adapter.pth` with the reference's key
+names (prefixed `llama.`) plus `adapter_params.json` beside it.
+
+We write `adapter.pth` in PyTorch's zip format without torch (Utils.checkpoint_io), so `torch.load` reads our
+files and we read theirs; keys are identical in both directions, no renaming.
+"""
+import json
+import os
+
+import numpy as np
+
+from Utils.errors import UserError
+
+ADAPTER_FILE = "adapter.pth"
+PARAMS_FILE = "adapter_params.json"
+
+# adapter_params.json keys of the reference that carry no meaning here (accepted and ignored).
+IGNORED_KEYS = {"flash_attention2", "bf16", "expert_weight", "lb_loss", "max_batch_size", "adapter_noisy", "w_lora"}
+OUR_KEYS = {"routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "swi_x",
+            "p_adapter_layers", "p_adapter_size", "p_adapter_hydra", "prompt_layers", "prompt_len", "max_seq_len",
+            "expert_num", "hydra_moe", "max_threshold", "const_threshold", "threshold_grad", "top_k",
+            "lb_loss_coeff", "noisy_router"}
+# Block-level keys the sparse_moe reference creates but SPEC §3.6 does not use: ignored when loading topk/adamole.
+SPARSE_MOE_UNUSED = ("adapter_type_router", "adapter_threshold_fn", "adapter_noise_linear")
+
+
+def _resolve(path):
+    """A file, or a directory holding adapter.pth → (weights file, adapter_params.json path)."""
+    if os.path.isdir(path):
+        f = os.path.join(path, ADAPTER_FILE)
+        if not os.path.isfile(f):
+            raise UserError("%s: no %s in this directory" % (path, ADAPTER_FILE))
+        return f, os.path.join(path, PARAMS_FILE)
+    if not os.path.isfile(path):
+        raise UserError("%s: adapter file not found" % path)
+    return path, os.path.join(os.path.dirname(os.path.abspath(path)), PARAMS_FILE)
+
+
+def read_adapter_state(path):
+    from Utils import checkpoint_io
+    weights, _ = _resolve(path)
+    state = checkpoint_io.read_torch_pth(weights)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise UserError("%s: expected a flat {name: tensor} dict of adapter weights" % weights)
+    if "model" in state and isinstance(state["model"], dict):  # a full training checkpoint of the reference
+        state = {k: v for k, v in state["model"].items() if any(s in k for s in ("lora", "prompt", "adapter"))}
+    return state
+
+
+def infer_routing(keys):
+    """Which variant wrote these keys, when adapter_params.json does not say (SPEC §0 variants)."""
+    keys = list(keys)
+    has = lambda s: any(s in k for k in keys)  # noqa: E731
+    if has(".expert.router.topkroute_linear"):
+        return "topk_moe"
+    if has(".expert.threshold_fn"):
+        return "adamole"
+    if has("adapter_threshold_fn"):
+        return "sparse_moa"
+    if has(".lora_gate.") or has(".p_adapter_gate."):
+        return "unipeft"
+    if has("adapter_type_router"):
+        return "soft_moa"
+    return "soft_moe"
+
+
+def config_from_reference(params, source):
+    """Reference adapter_params.json → ModelArgs overrides (names mapped, dead keys dropped, unsupported refused)."""
+    cfg = {}
+    for k, v in params.items():
+        if k in IGNORED_KEYS:
+            continue
+        if k == "num_experts":
+            cfg["expert_num"] = int(v)
+        elif k == "moe_type":
+            cfg["routing"] = {"adamole": "adamole", "topk": "topk_moe"}.get(v) or _bad(source, k, v, "adamole|topk")
+        elif k == "adamole":
+            if v is True or str(v).lower() == "true":
+                cfg["routing"] = "adamole"
+        elif k in ("bool_weights", "asym"):
+            if v:
+                raise UserError("%s: %s=true is not supported (dead or unported option of the reference)" % (source, k))
+        elif k in OUR_KEYS:
+            cfg[k] = v
+        else:
+            raise UserError("%s: unknown key %r" % (source, k))
+    if cfg.get("routing") in ("topk_moe", "adamole") and "top_k" not in cfg:
+        cfg["top_k"] = 1
+    return cfg
+
+
+def _bad(source, key, value, expected):
+    raise UserError("%s: %s=%r (expected %s)" % (source, key, value, expected))
+
+
+def load_adapter_config(path, routing=None):
+    """ModelArgs overrides from the adapter_params.json beside an adapter file (or inside its directory)."""
+    weights, params_path = _resolve(path)
+    if not os.path.isfile(params_path):
+        raise UserError("%s: missing %s beside the adapter file" % (os.path.dirname(params_path) or ".", PARAMS_FILE))
+    try:
+        with open(params_path) as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError("%s: not valid JSON (%s)" % (params_path, e))
+    if not isinstance(params, dict):
+        raise UserError("%s: expected a JSON object" % params_path)
+    cfg = config_from_reference(params, params_path)
+    if routing:
+        cfg["routing"] = routing
+    elif "routing" not in cfg:
+        cfg["routing"] = infer_routing(read_adapter_state(weights).keys())
+    return cfg
+
+
+def load_adapter_weights(model, path):
+    """Load adapter weights into `model` strictly: every adapter parameter must be present, no stranger keys."""
+    from Utils.runtime import import_jittor
+    jt = import_jittor()
+    weights, _ = _resolve(path)
+    state = read_adapter_state(weights)
+    if model.args.routing in ("topk_moe", "adamole"):
+        state = {k: v for k, v in state.items() if not any(s in k for s in SPARSE_MOE_UNUSED)}
+    params = dict(model.trainable_parameters())
+    unexpected = sorted(set(state) - set(params))
+    missing = sorted(set(params) - set(state))
+    if unexpected:
+        raise UserError("%s: unexpected tensor %r (%d in all) for routing %s" % (weights, unexpected[0], len(unexpected),
+                                                                           model.args.routing))
+    if missing:
+        raise UserError("%s: missing tensor %r (%d in all) for routing %s" % (weights, missing[0], len(missing),
+                                                                        model.args.routing))
+    for name, value in state.items():
+        p = params[name]
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(p.shape):
+            raise UserError("%s: tensor %r has shape %s but the model expects %s"
+                            % (weights, name, tuple(value.shape), tuple(p.shape)))
+        p.update(jt.array(value.astype(np.float32)))
+    return model
+
+
+def save_adapter(model, out_dir, extra_params=None):
+    """Write `<out_dir>/adapter.pth` (reference key names, fp32) and `adapter_params.json`, each atomically."""
+    from Utils import checkpoint_io
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint_io.write_torch_pth(os.path.join(out_dir, ADAPTER_FILE), model.adapter_state_dict())
+    params = model.args.adapter_params()
+    params.update(extra_params or {})
+    tmp = os.path.join(out_dir, PARAMS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(params, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, PARAMS_FILE))
+    return out_dir
