@@ -1,0 +1,427 @@
+"""Checkpoint formats for the frozen base (SPEC §1) and adapter exchange (D11): torch-free .pth and safetensors.
+
+Everything here works on `{name: numpy array}` dicts; only `strict_load` touches Jittor. bf16 has no numpy dtype, so
+it travels as its uint16 bit pattern (`Bf16Bits`) on the way out and is widened to float32 on the way in.
+"""
+import glob
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+
+from Utils.errors import UserError
+
+# torch storage class name ↔ numpy dtype; "BFloat16" is read as uint16 bits and widened to float32.
+_STORAGES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
+             "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
+             "ByteStorage": "u1", "BoolStorage": "?"}
+_ST_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+              "I8": "i1", "U8": "u1", "BOOL": "?"}
+_ALIGN = 64  # torch's PyTorchStreamWriter aligns every record's data to 64 bytes (kFieldAlignment)
+
+
+class Bf16Bits:
+    """A uint16 array holding bfloat16 bit patterns, so writers can tell it from a real uint16 tensor."""
+
+    def __init__(self, bits):
+        self.bits = _contiguous(np.asarray(bits, dtype=np.uint16))
+
+
+def _contiguous(a):
+    return a if a.flags.c_contiguous else a.copy(order="C")  # np.ascontiguousarray would turn 0-d into 1-d
+
+
+def to_bf16_bits(x):
+    """float32 → bfloat16 bit patterns (uint16), round-to-nearest-even like torch's `.bfloat16()`; NaN stays NaN."""
+    x = _contiguous(np.asarray(x, dtype=np.float32))
+    u = x.view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def bf16_bits_to_float32(bits):
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _encode(value, dtype):
+    """(kind, contiguous little-endian array) with kind in 'bf16' / numpy dtype string; dtype converts floats."""
+    if isinstance(value, Bf16Bits):
+        return "bf16", value.bits
+    a = np.asarray(value)
+    if dtype and a.dtype.kind == "f":
+        if dtype == "bfloat16":
+            return "bf16", to_bf16_bits(a)
+        a = a.astype(dtype)
+    a = _contiguous(a).astype(a.dtype.newbyteorder("<"), copy=False)
+    return a.dtype.str, a
+
+
+def _atomic_write(path, write_fn):
+    """Write through a temporary file in the same directory and rename: a crash never leaves half a checkpoint."""
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------- PyTorch zip format (torch.save since 1.6)
+def _pint(n):
+    """A pickle opcode pushing int n (BININT for 32-bit, LONG1 otherwise)."""
+    if -2**31 <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    raw = int(n).to_bytes((int(n).bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def _pstr(s):
+    raw = s.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _ptuple(items):
+    return b"(" + b"".join(_pint(i) for i in items) + b"t"
+
+
+def _pglobal(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+_EMPTY_ORDERED_DICT = _pglobal("collections", "OrderedDict") + b")R"
+
+
+def _data_pkl(entries):
+    """Protocol-2 pickle of OrderedDict{name: _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())},
+    written opcode by opcode because the GLOBALs name torch objects that do not exist without torch."""
+    out = [b"\x80\x02", _EMPTY_ORDERED_DICT, b"("]
+    for name, (storage, key, arr) in entries.items():
+        strides = [int(s // arr.itemsize) for s in arr.strides] if arr.ndim else []
+        pid = b"(" + _pstr("storage") + _pglobal("torch", storage) + _pstr(key) + _pstr("cpu") + _pint(arr.size) + b"t"
+        out += [_pstr(name), _pglobal("torch._utils", "_rebuild_tensor_v2"), b"(", pid, b"Q", _pint(0),
+                _ptuple(arr.shape), _ptuple(strides), b"\x89", _EMPTY_ORDERED_DICT, b"tR"]
+    out.append(b"u.")
+    return b"".join(out)
+
+
+def _write_record(zf, name, data):
+    """A stored (uncompressed) zip entry whose data starts on a 64-byte boundary, padded like torch ('FB' extra)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = len(data)
+    zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT  # the rule zipfile's open("w") uses
+    start = zf.fp.tell() + 30 + len(name.encode("utf-8")) + 4 + (20 if zip64 else 0)
+    info.extra = b"FB" + struct.pack("<H", -start % _ALIGN) + b"Z" * (-start % _ALIGN)
+    with zf.open(info, "w", force_zip64=zip64) as f:
+        f.write(data)
+
+
+def write_torch_pth(path, state, dtype=None):
+    """Save {name: array | Bf16Bits} in the format torch.load reads; dtype ('float32', 'float16', 'bfloat16')
+    converts every floating tensor, None keeps each array's own dtype."""
+    entries, blobs = {}, []
+    for i, (name, value) in enumerate(state.items()):
+        kind, arr = _encode(value, dtype)
+        storage = "BFloat16Storage" if kind == "bf16" else \
+            next((s for s, d in _STORAGES.items() if np.dtype(d) == np.dtype(kind) and s != "BFloat16Storage"), None)
+        if storage is None:
+            raise UserError("%s: tensor %r has dtype %s, which a PyTorch checkpoint cannot hold" % (path, name, kind))
+        entries[str(name)] = (storage, str(i), arr)
+        blobs.append((str(i), arr))
+    archive = os.path.splitext(os.path.basename(path))[0] or "archive"  # torch names the folder after the file
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            _write_record(zf, archive + "/data.pkl", _data_pkl(entries))
+            _write_record(zf, archive + "/byteorder", b"little")
+            for key, arr in blobs:
+                _write_record(zf, "%s/data/%s" % (archive, key), memoryview(arr.reshape(-1)).cast("B"))
+            _write_record(zf, archive + "/version", b"3\n")
+    _atomic_write(path, write)
+
+
+class _Storage(str):
+    """Stands in for torch.FloatStorage etc. while unpickling: just the class name."""
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    size, stride = tuple(size), tuple(stride)
+    if 0 in size:
+        return np.empty(size, storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # bounds check: never read outside the storage
+    if offset < 0 or min(stride, default=0) < 0 or last >= storage.size:
+        raise ValueError("a tensor of size %s reaches past its storage of %d elements" % (size, storage.size))
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * storage.itemsize for s in stride])
+    # A view covering its whole storage contiguously is returned as is: no second copy of a large weight.
+    return view if view.flags.c_contiguous and view.size == storage.size else view.copy()
+
+
+class _PthUnpickler(pickle.Unpickler):
+    """Weights-only unpickling: tensors become numpy arrays; any other global is refused (no code execution)."""
+
+    def __init__(self, data, zf, prefix, order):
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self.zf, self.prefix, self.order, self.storages = zf, prefix, order, {}
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, requires_grad, hooks: data
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        if module == "torch" and name in _STORAGES:
+            return _Storage(name)
+        raise pickle.UnpicklingError("unsupported object %s.%s" % (module, name))
+
+    def persistent_load(self, pid):
+        typename, storage, key, _location, numel = pid[:5]
+        if typename != "storage" or type(storage) is not _Storage:
+            raise pickle.UnpicklingError("unsupported storage %r" % (pid,))
+        if key not in self.storages:
+            dt = np.dtype(_STORAGES[storage]).newbyteorder(self.order)
+            arr = np.empty(int(numel), dt)
+            with self.zf.open(self.prefix + "data/" + str(key)) as f:
+                buf, got = memoryview(arr).cast("B"), 0
+                while got < arr.nbytes:
+                    n = f.readinto(buf[got:])
+                    if not n:
+                        raise EOFError("storage %s is shorter than %d elements" % (key, numel))
+                    got += n
+            self.storages[key] = arr
+        return self.storages[key]
+
+
+def read_torch_pth(path):
+    """torch.save'd state dict → {name: numpy array}; bf16 comes back as float32, other dtypes as they were."""
+    if not os.path.isfile(path):
+        raise UserError("%s: not found (expected a PyTorch checkpoint)" % path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            pkl = [n for n in names if n.endswith("data.pkl")]
+            if not pkl:
+                raise KeyError("no data.pkl record")
+            prefix = pkl[0][:-len("data.pkl")]
+            big = prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() == b"big"
+            obj = _PthUnpickler(zf.read(pkl[0]), zf, prefix, ">" if big else "<").load()
+    except (zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError, IndexError, AttributeError,
+            pickle.UnpicklingError, struct.error, OSError) as e:
+        raise UserError("%s: not a readable PyTorch checkpoint (%s)" % (path, _first_line(e)))
+
+    def native(x):
+        if isinstance(x, dict):
+            return {k: native(v) for k, v in x.items()}
+        if isinstance(x, np.ndarray):
+            x = x.astype(x.dtype.newbyteorder("="), copy=False)
+            # uint16 only ever comes from BFloat16Storage: torch's uint16 storages are not in _STORAGES.
+            return bf16_bits_to_float32(x) if x.dtype == np.uint16 else x
+        return x
+    return native(obj)
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- safetensors (Hugging Face)
+def write_safetensors(path, state, dtype="float32"):
+    """{name: array | Bf16Bits} → safetensors; floats are stored as dtype ('float32', 'float16', 'bfloat16')."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0  # transformers refuses files without format
+    codes = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
+    for name, value in state.items():
+        kind, arr = _encode(value, dtype)
+        code = "BF16" if kind == "bf16" else codes.get(np.dtype(kind))
+        if code is None:
+            raise UserError("%s: tensor %r has dtype %s, which safetensors cannot hold" % (path, name, kind))
+        header[str(name)] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        blobs.append(arr)
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header so tensor data stays 8-byte aligned
+
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for arr in blobs:
+            f.write(memoryview(arr.reshape(-1)).cast("B"))
+    _atomic_write(path, write)
+
+
+def read_safetensors(path):
+    """safetensors → {name: numpy array}; BF16 is widened to float32, other dtypes stay as stored."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header length %d exceeds the file size %d" % (n, size))
+            header = json.loads(f.read(n).decode("utf-8"))
+            base, out = 8 + n, {}
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    dt = np.dtype(_ST_DTYPES[meta["dtype"]])
+                    begin, end = (int(v) for v in meta["data_offsets"])
+                    shape = tuple(int(v) for v in meta["shape"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise UserError("%s: tensor %r has a bad header entry (%s)" % (path, name, _first_line(e)))
+                if end - begin != int(np.prod(shape)) * dt.itemsize or base + end > size or begin < 0:
+                    raise UserError("%s: tensor %r: data_offsets %s do not fit shape %s %s in a %d-byte file"
+                                    % (path, name, [begin, end], list(shape), meta["dtype"], size))
+                f.seek(base + begin)
+                arr = np.empty(shape, dt)
+                if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                    raise UserError("%s: tensor %r is truncated" % (path, name))
+                out[name] = bf16_bits_to_float32(arr) if meta["dtype"] == "BF16" else arr.astype(dt.newbyteorder("="))
+            return out
+    except FileNotFoundError:
+        raise UserError("%s: not found (expected a safetensors file)" % path)
+    except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError) as e:
+        raise UserError("%s: not a readable safetensors file (%s)" % (path, _first_line(e)))
+
+
+# ---------------------------------------------------------------- Meta and Hugging Face LLaMA-3 checkpoints
+# Meta's model-parallel layers (llama3 model.py): column-parallel weights split the output dim (0), row-parallel
+# weights the input dim (1); VocabParallelEmbedding splits the vocabulary (0); norms are replicated.
+_MP_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
+
+
+def load_meta_checkpoint(ckpt_dir):
+    """Meta `consolidated.*.pth` shards → {Meta name: float32 array} (shards merged as fairscale split them)."""
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    if not paths:
+        raise UserError("%s: no consolidated.*.pth checkpoint in this directory" % ckpt_dir)
+    shards = [read_torch_pth(p) for p in paths]
+    for p, sd in zip(paths, shards):
+        if not isinstance(sd, dict) or set(sd) != set(shards[0]):
+            raise UserError("%s: holds different tensor names than %s" % (p, paths[0]))
+    out = {}
+    for name in shards[0]:
+        parts = [np.asarray(sd[name], dtype=np.float32) for sd in shards]
+        axis = _MP_AXIS.get(name.split(".")[-2])
+        if len(parts) == 1 or axis is None or parts[0].ndim < 2:
+            out[name] = parts[0]  # replicated (norms) or single shard
+        else:
+            out[name] = np.concatenate(parts, axis=axis)
+    return out
+
+
+def _permute_rows(w, n_heads, inverse=False):
+    """Meta interleaved-pair rows ↔ HF rotate-half rows within each head (transformers' convert script `permute`:
+    view(heads, hd/2, 2, dim).transpose(1, 2)); inverse=True undoes it."""
+    rows, cols = w.shape
+    split = (n_heads, 2, rows // n_heads // 2, cols) if inverse else (n_heads, rows // n_heads // 2, 2, cols)
+    return w.reshape(split).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+_HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def hf_from_meta(state, args):
+    """{Meta name: array} → {HF LlamaForCausalLM name: array}, wq/wk permuted to HF's rotate-half layout."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    sub = {v: k for k, v in _HF_NAMES.items()}
+    out = {}
+    for name, w in state.items():
+        if name in top:
+            out[top[name]] = w
+            continue
+        _, i, rest = name.split(".", 2)
+        module = rest[:-len(".weight")]
+        heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(module)
+        out["model.layers.%s.%s.weight" % (i, sub[module])] = _permute_rows(w, heads) if heads else w
+    return out
+
+
+def meta_from_hf(state, args, source="checkpoint"):
+    """The inverse of hf_from_meta; an HF name with no Meta counterpart is an error naming it."""
+    out = {}
+    for name, w in state.items():
+        if name in _HF_TOP:
+            out[_HF_TOP[name]] = w
+            continue
+        parts = name.split(".")
+        module = ".".join(parts[3:-1])
+        if parts[:2] != ["model", "layers"] or parts[-1] != "weight" or module not in _HF_NAMES:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # old transformers saved the RoPE table; we recompute it
+            raise UserError("%s: unexpected tensor %r (not a LlamaForCausalLM weight)" % (source, name))
+        meta = _HF_NAMES[module]
+        heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(meta)
+        if heads:
+            if w.ndim != 2 or w.shape[0] != heads * args.head_dim:
+                raise UserError("%s: tensor %r has shape %s, expected (%d, %d)"
+                                % (source, name, tuple(w.shape), heads * args.head_dim, args.dim))
+            w = _permute_rows(w, heads, inverse=True)
+        out["layers.%s.%s.weight" % (parts[2], meta)] = w
+    return out
+
+
+def load_hf_checkpoint(ckpt_dir, args=None):
+    """HF `model.safetensors` (or its shards) → {Meta name: float32 array}; args default to the dir's config.json."""
+    if args is None:
+        from Models.model_args import ModelArgs
+        args = ModelArgs.from_hf_config(os.path.join(ckpt_dir, "config.json"))
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError("%s: expected a JSON object with a 'weight_map' (%s)" % (index, _first_line(e)))
+        paths = [os.path.join(ckpt_dir, p) for p in files]
+    else:
+        paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
+    if not paths:
+        raise UserError("%s: no model.safetensors or model-*-of-*.safetensors in this directory" % ckpt_dir)
+    state = {}
+    for p in paths:
+        state.update(read_safetensors(p))
+    state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+    return meta_from_hf(state, args, source=ckpt_dir)
+
+
+# ---------------------------------------------------------------- strict loading into a Jittor module
+def strict_load(module, state, source, keys=None, allow_missing=None):
+    """Copy `state` into `module`'s parameters, refusing any missing/unexpected name or shape mismatch.
+
+    keys: None (every state_dict entry), a predicate on names, or a collection of names to load.
+    allow_missing: predicate naming module entries that may be absent from `state` (e.g. adapter parameters).
+    Values are cast to each parameter's own dtype (Jittor's load_state_dict would adopt the checkpoint's dtype).
+    """
+    from Utils.runtime import import_jittor
+    jt = import_jittor()
+    params = module.state_dict()
+    if keys is not None:
+        wanted = keys if callable(keys) else set(keys).__contains__
+        params = {k: v for k, v in params.items() if wanted(k)}
+    missing = [k for k in params if k not in state and not (allow_missing and allow_missing(k))]
+    unexpected = [k for k in state if k not in params]
+    for what, names in (("missing tensor", missing), ("unexpected tensor", unexpected)):
+        if names:
+            more = " (and %d more)" % (len(names) - 1) if len(names) > 1 else ""
+            raise UserError("%s: %s %r%s" % (source, what, names[0], more))
+    bad = [k for k in state if tuple(params[k].shape) != tuple(state[k].shape)]
+    if bad:
+        k = bad[0]
+        more = " (%d tensors mismatch)" % len(bad) if len(bad) > 1 else ""
+        raise UserError("%s: tensor %r has shape %s but the model expects %s%s"
+                        % (source, k, tuple(state[k].shape), tuple(params[k].shape), more))
+    for k, value in state.items():
+        p = params[k]
+        v = value if isinstance(value, jt.Var) else jt.array(np.asarray(value))
+        p.update(v.cast(p.dtype) if v.dtype != p.dtype else v)
+    return sorted(state)
