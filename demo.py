@@ -43,12 +43,96 @@ def cmd_generate(argv):
     print("generated %d tokens in %.2fs" % (sum(map(len, outs)), time.time() - t0))
 
 
+def _run(cmd, log):
+    """Run a pipeline stage as its own process (mpirun needs that); its output goes to the stage log."""
+    import subprocess
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    if r.returncode != 0:
+        tail = open(log).read().strip().splitlines()[-5:]
+        raise UserError("stage failed (%s): %s" % (log, " | ".join(tail)))
+
+
+def _accuracy(save_dir):
+    import json
+    with open(os.path.join(save_dir, "acc_score.json")) as f:
+        scores = json.load(f)
+    return scores
+
+
+def cmd_demo(argv):
+    p = argparse.ArgumentParser(prog="demo.py", description="The embedded demo: tiny base -> MoA fine-tune -> eval.")
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "output", "demo"))
+    p.add_argument("--np", type=int, default=2, help="mpirun processes for fine-tuning")
+    p.add_argument("--base_steps", type=int, default=300)
+    p.add_argument("--ft_steps", type=int, default=150)
+    p.add_argument("--n_test", type=int, default=100)
+    p.add_argument("--routing", default="soft_moa")
+    a = p.parse_args(argv)
+    import shutil
+    py = sys.executable
+    t_start = time.time()
+    os.makedirs(a.out_dir, exist_ok=True)
+    logs = os.path.join(a.out_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+
+    from Dataset.math_generator import write_splits
+    data = os.path.join(CACHE, "data")
+    for fam, n in (("base", 3000), ("task", 1500)):
+        if not os.path.isfile(os.path.join(data, fam, "test.json")):
+            write_splits(os.path.join(data, fam), fam, n, 100, 200, seed=0 if fam == "base" else 1)
+    print("[1/4] data: generated arithmetic word problems in %s (base family for the base model, an unseen "
+          "task family for the adapters)" % data)
+
+    base = os.path.join(CACHE, "base_%d" % a.base_steps)
+    if not os.path.isfile(os.path.join(base, "consolidated.00.pth")):
+        print("[2/4] training the tiny LLaMA-3-shaped base (dim 128, 4 layers, real LLaMA-3 tokenizer) on the base "
+              "family, %d steps; cached for later runs" % a.base_steps)
+        from Dataset import load_records
+        from Models.tokenizer import Tokenizer
+        from Utils.pretrain_tiny import pretrain_tiny_base
+        pretrain_tiny_base(base, load_records(os.path.join(data, "base", "train.json")), Tokenizer(),
+                           steps=a.base_steps)
+    else:
+        print("[2/4] tiny base: cached in %s" % base)
+
+    ft = os.path.join(a.out_dir, a.routing)
+    shutil.rmtree(ft, ignore_errors=True)
+    print("[3/4] fine-tuning %s adapters with mpirun -np %d on the task family (%d steps)" % (a.routing, a.np,
+                                                                                         a.ft_steps))
+    task = os.path.join(data, "task")
+    _run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(a.np), py, "Math.py",
+          "--llama_path", base, "--data_path", os.path.join(task, "train.json"),
+          "--val_data_path", os.path.join(task, "validation.json"), "--output_dir", ft, "--routing", a.routing,
+          "--lora_layers", "0-4", "--lora_targets", "Q,K,V,O,FFN_DOWN", "--lora_rank", "8", "--lora_alpha", "8",
+          "--prompt_layers", "0-4", "--p_adapter_layers", "0-4", "--swi_x", "4", "--batch_size", "8",
+          "--epochs", "2", "--warmup_epochs", "0.1", "--lr", "3e-3", "--weight_decay", "0.02",
+          "--max_steps", str(a.ft_steps), "--max_seq_len", "128", "--val_interval", "50", "--log_interval", "25",
+          "--progress", "false"], os.path.join(logs, "finetune.log"))
+
+    print("[4/4] evaluating base and adapted model on %d held-out task problems (greedy)" % a.n_test)
+    results = {}
+    for name, extra in (("base", []), ("adapted", ["--adapter_path", os.path.join(ft, "adapter"),
+                                                   "--dump_type_weight", "true", "--dump_token_weight", "2"])):
+        save = os.path.join(a.out_dir, "eval_" + name) + os.sep
+        shutil.rmtree(save, ignore_errors=True)
+        _run([py, "inference.py", "--ckpt_dir", base, "--data_path", os.path.join(task, "test.json"),
+              "--save_path", save, "--max_gen_len", "64", "--max_batch_size", "50", "--temperature", "0",
+              "--max_examples", str(a.n_test)] + extra, os.path.join(logs, "eval_%s.log" % name))
+        results[name] = _accuracy(save)
+    print()
+    for name in ("base", "adapted"):
+        print("%-8s accuracy on the unseen task: %.3f" % (name, results[name].get("average", 0.0)))
+    print("adapters, logs, predictions and routing dumps: %s   (%.1f min)" % (a.out_dir, (time.time() - t_start) / 60))
+
+
 @cli_main
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "generate":
         return cmd_generate(argv[1:])
-    return cmd_generate(argv)
+    return cmd_demo(argv)
 
 
 if __name__ == "__main__":

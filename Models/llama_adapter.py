@@ -47,6 +47,8 @@ class LLaMA_adapter(nn.Module):
             else:
                 p.stop_grad()
         self._trainable_names = tuple(n for n, _ in self.named_parameters() if is_adapter_param(n))
+        # Jittor draws random inits lazily: materialise the (small) adapters now so a seed fixes their values.
+        jt.sync([p for n, p in self.named_parameters() if is_adapter_param(n)])
 
     def train(self):
         # Jittor's train() re-enables gradients recorded by its first eval(); we keep our own frozen set instead.

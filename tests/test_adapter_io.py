@@ -1,0 +1,244 @@
+"""adapter.pth + adapter_params.json (SPEC §5.4–5.5, D11): bit-exact round trips for every variant, config round
+trip, reference-style files, routing inference, strict key/shape checking, and interchange with real PyTorch."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from Models.model_args import ModelArgs
+from Utils.errors import UserError
+
+checkpoint_io = pytest.importorskip("Utils.checkpoint_io", reason="Utils/checkpoint_io.py is not importable yet")
+
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=64)
+ALL = "0-2"
+MOA = dict(lora_layers=ALL, lora_rank=4, lora_alpha=8, prompt_layers=ALL, prompt_len=3, p_adapter_layers=ALL,
+           p_adapter_size=8)
+LORA = dict(lora_layers=ALL, lora_rank=4, lora_alpha=8, lora_targets="Q,K,V,O,FFN_UP,FFN_DOWN")
+QKVOD = "Q,K,V,O,FFN_DOWN"
+VARIANTS = {
+    "soft_moa": dict(MOA, routing="soft_moa", swi_x=2, lora_targets="Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN"),
+    "sparse_moa": dict(MOA, routing="sparse_moa", swi_x=2, lora_targets=QKVOD, prompt_layers="0-0",
+                       threshold_grad="ste", max_threshold=0.8),
+    "sparse_moa_const": dict(MOA, routing="sparse_moa", swi_x=0, lora_targets=QKVOD, const_threshold=True),
+    "instance_moa": dict(MOA, routing="instance_moa", swi_x=2, lora_targets="Q,K,V,O,FFN_UP,FFN_DOWN"),
+    "unipeft": dict(MOA, routing="unipeft", lora_targets=QKVOD),
+    "soft_moe_lora": dict(LORA, routing="soft_moe"),
+    "molora_e4": dict(LORA, routing="soft_moe", expert_num=4),
+    "hydralora_e4": dict(LORA, routing="soft_moe", expert_num=4, hydra_moe=True),
+    "prompt_moe_e2": dict(routing="soft_moe", prompt_layers=ALL, prompt_len=3, expert_num=2),
+    "pa_moe_hydra_e2": dict(routing="soft_moe", p_adapter_layers=ALL, p_adapter_size=8, expert_num=2,
+                            p_adapter_hydra=True),
+    "topk_moe_e4_k2": dict(LORA, routing="topk_moe", expert_num=4, top_k=2, lb_loss_coeff=0.01),
+    "adamole_e4": dict(LORA, routing="adamole", expert_num=4, noisy_router=True),
+}
+SPEC_KEYS = {"w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "swi_x", "p_adapter_layers",
+             "p_adapter_size", "p_adapter_hydra", "prompt_layers", "prompt_len", "max_seq_len",
+             "expert_num", "hydra_moe", "max_threshold", "const_threshold", "noisy_router", "top_k", "adamole",
+             "lb_loss_coeff", "routing", "threshold_grad"}
+ADAPTER_FIELDS = ("routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "expert_num",
+                  "hydra_moe", "prompt_layers", "prompt_len", "p_adapter_layers", "p_adapter_size", "p_adapter_hydra",
+                  "swi_x", "max_threshold", "const_threshold", "threshold_grad", "top_k", "lb_loss_coeff",
+                  "noisy_router", "max_seq_len")
+
+
+def make_args(name, **kw):
+    merged = dict(TINY)
+    merged.update(VARIANTS[name])
+    merged.update(kw)
+    return ModelArgs(**merged)
+
+
+def build(name, seed, **kw):
+    from Models.llama_adapter import LLaMA_adapter
+    from Utils.runtime import import_jittor, seed_everything
+    jt = import_jittor()
+    seed_everything(seed)
+    model = LLaMA_adapter(make_args(name, **kw))
+    jt.sync_all()  # Jittor draws lazy random inits at execution: materialise now so the seed alone decides them
+    return model
+
+
+def randomize_adapters(jt, model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, p in model.trainable_parameters():
+        p.update(jt.array(rng.normal(0, 0.2, p.shape).astype(np.float32)))
+        p.sync()
+
+
+TOKENS = np.random.default_rng(0).integers(1, 1000, size=(2, 8))
+
+
+# ------------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_save_load_bit_exact(jt, tmp_path, name):
+    from Models.adapter_io import ADAPTER_FILE, PARAMS_FILE, load_adapter_weights, save_adapter
+    model = build(name, 1)
+    randomize_adapters(jt, model)
+    save_adapter(model, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([ADAPTER_FILE, PARAMS_FILE])
+    stored = checkpoint_io.read_torch_pth(str(tmp_path / ADAPTER_FILE))
+    ours = model.adapter_state_dict()
+    assert sorted(stored) == sorted(ours)
+    assert all(k.startswith("llama.layers.") for k in stored)
+    for k, v in ours.items():
+        assert stored[k].dtype == np.float32 and np.array_equal(stored[k], v), k
+    fresh = build(name, 1)                               # same base, adapters at their init values
+    load_adapter_weights(fresh, str(tmp_path / ADAPTER_FILE))
+    for k, v in fresh.adapter_state_dict().items():
+        assert np.array_equal(v, ours[k]), k
+    # a forward right after loading must work and give the saved model's outputs (a noisy router adds fresh
+    # N(0,1) noise on every forward, also at inference — SPEC §3.6 — so there only finiteness is checked)
+    if model.args.noisy_router:
+        assert np.isfinite(fresh.logits(TOKENS)).all()
+    else:
+        np.testing.assert_array_equal(fresh.logits(TOKENS), model.logits(TOKENS))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_config_round_trip(tmp_path, name, jt):
+    from Models.adapter_io import PARAMS_FILE, load_adapter_config, save_adapter
+    model = build(name, 1)
+    save_adapter(model, str(tmp_path))
+    with open(tmp_path / PARAMS_FILE) as f:
+        params = json.load(f)
+    assert SPEC_KEYS <= set(params), SPEC_KEYS - set(params)
+    assert params["routing"] == model.args.routing
+    assert params["threshold_grad"] == model.args.threshold_grad
+    cfg = load_adapter_config(str(tmp_path))
+    again = ModelArgs.create(TINY, cfg)
+    for f in ADAPTER_FIELDS:
+        assert getattr(again, f) == getattr(model.args, f), f
+
+
+def test_reference_style_params_accepted(tmp_path, jt):
+    """The reference's adapter_params.json carries flash_attention2, bf16 and expert_weight: accepted, ignored."""
+    from Models.adapter_io import PARAMS_FILE, load_adapter_config, load_adapter_weights, save_adapter
+    model = build("soft_moa", 1)
+    randomize_adapters(jt, model)
+    save_adapter(model, str(tmp_path))
+    with open(tmp_path / PARAMS_FILE) as f:
+        params = json.load(f)
+    params.update(flash_attention2=False, bf16=True, expert_weight=False)
+    with open(tmp_path / PARAMS_FILE, "w") as f:
+        json.dump(params, f)
+    cfg = load_adapter_config(str(tmp_path))
+    for k in ("flash_attention2", "bf16", "expert_weight"):
+        assert k not in cfg
+    args = ModelArgs.create(TINY, cfg)
+    assert args.routing == "soft_moa" and args.lora_targets == model.args.lora_targets
+    fresh = build("soft_moa", 2)
+    load_adapter_weights(fresh, str(tmp_path))
+    for k, v in fresh.adapter_state_dict().items():
+        assert np.array_equal(v, model.adapter_state_dict()[k]), k
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("soft_moa", "soft_moa"), ("sparse_moa", "sparse_moa"), ("unipeft", "unipeft"), ("molora_e4", "soft_moe"),
+    ("topk_moe_e4_k2", "topk_moe"), ("adamole_e4", "adamole")])
+def test_routing_inferred_when_absent(tmp_path, jt, name, expected):
+    from Models.adapter_io import PARAMS_FILE, load_adapter_config, save_adapter
+    model = build(name, 1)
+    save_adapter(model, str(tmp_path))
+    with open(tmp_path / PARAMS_FILE) as f:
+        params = json.load(f)
+    del params["routing"]
+    params.pop("adamole")
+    with open(tmp_path / PARAMS_FILE, "w") as f:
+        json.dump(params, f)
+    assert load_adapter_config(str(tmp_path))["routing"] == expected
+    # an explicit routing argument wins
+    assert load_adapter_config(str(tmp_path), routing="instance_moa")["routing"] == "instance_moa"
+
+
+# ------------------------------------------------------------------------------------------- strictness
+def _saved(jt, tmp_path, name="soft_moa"):
+    from Models.adapter_io import save_adapter
+    model = build(name, 1)
+    save_adapter(model, str(tmp_path))
+    return model, checkpoint_io.read_torch_pth(str(tmp_path / "adapter.pth"))
+
+
+def test_wrong_shape_is_user_error_naming_key(jt, tmp_path):
+    from Models.adapter_io import load_adapter_weights
+    model, state = _saved(jt, tmp_path)
+    key = "llama.layers.1.attention.lora_Q.lora_A.weight"
+    assert key in state
+    state[key] = np.zeros((state[key].shape[0] + 1, state[key].shape[1]), np.float32)
+    checkpoint_io.write_torch_pth(str(tmp_path / "adapter.pth"), state)
+    with pytest.raises(UserError, match="lora_Q.lora_A.weight"):
+        load_adapter_weights(build("soft_moa", 2), str(tmp_path))
+
+
+def test_unexpected_tensor_is_user_error_naming_key(jt, tmp_path):
+    from Models.adapter_io import load_adapter_weights
+    model, state = _saved(jt, tmp_path)
+    state["llama.layers.0.attention.lora_Z.lora_A.weight"] = np.zeros((4, 32), np.float32)
+    checkpoint_io.write_torch_pth(str(tmp_path / "adapter.pth"), state)
+    with pytest.raises(UserError, match="lora_Z"):
+        load_adapter_weights(build("soft_moa", 2), str(tmp_path))
+
+
+def test_missing_tensor_is_user_error_naming_key(jt, tmp_path):
+    from Models.adapter_io import load_adapter_weights
+    model, state = _saved(jt, tmp_path)
+    key = "llama.layers.0.adapter_type_router.w2.bias"
+    assert key in state
+    del state[key]
+    checkpoint_io.write_torch_pth(str(tmp_path / "adapter.pth"), state)
+    with pytest.raises(UserError, match="adapter_type_router.w2.bias"):
+        load_adapter_weights(build("soft_moa", 2), str(tmp_path))
+
+
+def test_adapter_for_other_variant_is_rejected(jt, tmp_path):
+    from Models.adapter_io import load_adapter_weights, save_adapter
+    save_adapter(build("sparse_moa", 1), str(tmp_path))
+    with pytest.raises(UserError):
+        load_adapter_weights(build("soft_moa", 1), str(tmp_path))
+
+
+def test_missing_params_json_is_user_error(jt, tmp_path):
+    from Models.adapter_io import PARAMS_FILE, load_adapter_config, save_adapter
+    save_adapter(build("soft_moe_lora", 1), str(tmp_path))
+    os.remove(tmp_path / PARAMS_FILE)
+    with pytest.raises(UserError, match=PARAMS_FILE):
+        load_adapter_config(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- real PyTorch
+@pytest.mark.parametrize("name", ["soft_moa", "sparse_moa", "topk_moe_e4_k2"])
+def test_torch_load_reads_our_file(jt, tmp_path, name):
+    torch = pytest.importorskip("torch")
+    from Models.adapter_io import save_adapter
+    model = build(name, 1)
+    randomize_adapters(jt, model)
+    save_adapter(model, str(tmp_path))
+    state = torch.load(str(tmp_path / "adapter.pth"), map_location="cpu", weights_only=True)
+    ours = model.adapter_state_dict()
+    assert sorted(state) == sorted(ours)
+    for k, v in ours.items():
+        assert state[k].dtype == torch.float32
+        assert np.array_equal(state[k].numpy(), v), k
+
+
+@pytest.mark.parametrize("name", ["soft_moa", "unipeft", "adamole_e4"])
+def test_torch_saved_reference_file_loads(jt, tmp_path, name):
+    torch = pytest.importorskip("torch")
+    from Models.adapter_io import load_adapter_weights
+    model = build(name, 1)
+    rng = np.random.default_rng(5)
+    arrays = {n: rng.normal(0, 0.2, p.shape).astype(np.float32) for n, p in model.trainable_parameters()}
+    torch.save({n: torch.from_numpy(a) for n, a in arrays.items()}, str(tmp_path / "adapter.pth"))
+    with open(tmp_path / "adapter_params.json", "w") as f:
+        json.dump(model.args.adapter_params(), f)
+    load_adapter_weights(model, str(tmp_path))
+    for n, v in model.adapter_state_dict().items():
+        assert np.array_equal(v, arrays[n]), n
+    assert np.isfinite(model.logits(TOKENS)).all()
+    # bf16 tensors (the reference trains in bf16) load as their exact float32 values
+    torch.save({n: torch.from_numpy(a).to(torch.bfloat16) for n, a in arrays.items()}, str(tmp_path / "adapter.pth"))
+    load_adapter_weights(model, str(tmp_path))
+    for n, v in model.adapter_state_dict().items():
+        expect = torch.from_numpy(arrays[n]).to(torch.bfloat16).float().numpy()
+        assert np.array_equal(v, expect), n

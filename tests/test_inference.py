@@ -1,0 +1,224 @@
+"""inference.py end to end on a tiny checkpoint + random sparse-MoA adapter: scoring, resume after SIGKILL,
+2-rank mpirun = 1 rank, routing dumps (schema, len(words) == T_total), --score_only.
+
+All runs share one shape set (batch size 1, the same 3 AddSub records, 12 new tokens, greedy) so Jittor's
+compiled kernels are reused between them.
+"""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+COMMON = ["--max_examples", "3", "--max_batch_size", "1", "--max_gen_len", "12", "--temperature", "0",
+          "--dump_type_weight", "--dump_token_weight", "1"]
+FIELDS = ["instruction", "input", "output", "answer", "generate", "pred", "correct"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, shared_data):
+    from Utils.runtime import import_jittor, seed_everything
+    jt = import_jittor()
+    from Models.adapter_io import save_adapter
+    from Models.llama_adapter import LLaMA_adapter
+    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    d = tmp_path_factory.mktemp("inference")
+    ckpt, adapter = str(d / "ckpt"), str(d / "adapter")
+    make_tiny_checkpoint(ckpt)
+    seed_everything(0)
+    model = LLaMA_adapter.from_pretrained(ckpt, routing="sparse_moa", lora_layers="0-2",
+                                          lora_targets="Q,K,V,O,FFN_DOWN", p_adapter_layers="0-2", swi_x=4,
+                                          max_seq_len=300)
+    rng = np.random.default_rng(0)
+    for _, p in model.trainable_parameters():  # LoRA B is zero at init: perturb so routing matters
+        p.update(jt.array((p.numpy() + 0.5 * rng.standard_normal(p.shape)).astype(np.float32)))
+    save_adapter(model, adapter)
+    data = os.path.join(shared_data, "math", "AddSub", "test.json")
+    return {"dir": d, "ckpt": ckpt, "adapter": adapter, "data": data}
+
+
+def _cmd(assets, save_path, *extra):
+    return [sys.executable, "inference.py", "--ckpt_dir", assets["ckpt"], "--adapter_path", assets["adapter"],
+            "--data_path", assets["data"], "--save_path", save_path] + COMMON + list(extra)
+
+
+def _run(cmd, timeout=240):
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(assets):
+    out = str(assets["dir"] / "full" / "AddSub.jsonl")
+    res = _run(_cmd(assets, out, "--time_gen"))
+    return {"out": out, "stdout": res.stdout}
+
+
+def test_scoring_end_to_end(full_run):
+    from Utils.evaluate import score_records
+    out = full_run["out"]
+    recs = _lines(out)
+    assert len(recs) == 3 and all(list(r) == FIELDS for r in recs)
+    assert all(r["generate"] for r in recs)
+    scored, acc = score_records("AddSub", recs)
+    assert [s["correct"] for s in scored] == [r["correct"] for r in recs]
+    k = sum(r["correct"] for r in recs)
+    line = "AddSub Accuracy: %d/3 = %.4f" % (k, acc)
+    assert line in full_run["stdout"]
+    d = os.path.dirname(out)
+    assert open(os.path.join(d, "AddSub_summary.txt")).read().strip() == line
+    score = json.load(open(os.path.join(d, "acc_score.json")))
+    assert score["AddSub"] == pytest.approx(acc) and score["average"] == pytest.approx(acc)
+    t = _lines(os.path.join(d, "AddSub_bs1_time.jsonl"))[-1]
+    assert t["total_ex"] == 3 and len(t["batches"]) == 3
+    assert t["mean_all_cost"] == pytest.approx(t["all_cost"] / 3)
+    assert 0 < t["inference_cost"] <= t["all_cost"]
+
+
+def test_dump_schema(assets, full_run):
+    from Dataset.prompts import format_prompt
+    from Dataset.records import load_records
+    from Models.tokenizer import Tokenizer
+    d = os.path.dirname(full_run["out"])
+    tw = pickle.load(open(os.path.join(d, "AddSub_type_weight.pkl"), "rb"))
+    assert set(tw) >= {"routing", "labels", "layers", "token_num", "expert_sums"}
+    assert tw["routing"] == "sparse_moa" and sorted(tw["layers"]) == [0, 1]
+    labels = ["LoRA-Q", "LoRA-K", "LoRA-V", "LoRA-O", "LoRA-DOWN", "PAdapter"]
+    tok = Tokenizer()
+    records = load_records(assets["data"], require_output=False)[:3]
+    prompt_lens = [len(tok.encode(format_prompt(r), bos=True, eos=False)) for r in records]
+    for layer, st in tw["layers"].items():
+        assert tw["labels"][layer] == labels and st["sum_weights"].shape == (6,)
+        assert st["sum_threshold"] > 0 and st["sum_experts"] > 0
+        mean = st["sum_weights"] / tw["token_num"]
+        assert np.all(mean >= 0) and np.all(mean <= 1)
+    # tokens read: the prompt plus all generated tokens but the last one (its own position is never read)
+    assert sum(prompt_lens) <= tw["token_num"] <= sum(prompt_lens) + 3 * 11
+    cases = pickle.load(open(os.path.join(d, "AddSub_token_weight.pkl"), "rb"))
+    assert len(cases) == 1
+    e = cases[0]
+    assert set(e) >= {"layers", "words", "labels", "experts"} and e["index"] == 0
+    T = len(e["words"])
+    assert prompt_lens[0] + 1 <= T <= prompt_lens[0] + 12  # prompt + generation cut at the first stop token
+    assert "".join(e["words"][1:prompt_lens[0]]) == format_prompt(records[0])
+    for layer, w in e["layers"].items():
+        assert w.shape == (T, 7) and e["labels"][layer] == labels + ["Threshold"]
+        assert not np.isnan(w).any()
+
+
+def test_plot_from_real_dump(full_run, tmp_path):
+    from Utils.plot import load_pickle, plot_token_weight, plot_type_weight
+    d = os.path.dirname(full_run["out"])
+    fig, ax, m = plot_type_weight(load_pickle(os.path.join(d, "AddSub_type_weight.pkl"), "type"),
+                                  str(tmp_path / "h.png"))
+    assert ax.images[0].get_array().shape == (2, 7)
+    cases = load_pickle(os.path.join(d, "AddSub_token_weight.pkl"), "token")
+    fig, ax, m = plot_token_weight(cases, 0, 1, str(tmp_path / "t.png"))
+    assert ax.images[0].get_array().shape == (len(cases[0]["words"]), 7)
+    assert os.path.getsize(tmp_path / "h.png") > 0 and os.path.getsize(tmp_path / "t.png") > 0
+
+
+def test_kill_and_resume_gives_same_file(assets, full_run):
+    out = str(assets["dir"] / "killed" / "AddSub.jsonl")
+    # Jittor (imported by this process) quits on SIGCHLD from a child killed by a signal: default handler here.
+    old = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        _kill_after_first_line(assets, out)
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+    n_before = open(out).read().count("\n")
+    assert n_before >= 1
+    with open(out, "a") as f:  # as if the kill had hit in the middle of a write
+        f.write('{"instruction": "There are 7 cray')
+    _run(_cmd(assets, out))
+    assert open(out).read() == open(full_run["out"]).read()
+    assert not os.path.exists(out + ".pending")
+
+
+def _kill_after_first_line(assets, out):
+    proc = subprocess.Popen(_cmd(assets, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(out) and open(out).read().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+
+
+def test_two_ranks_equal_one(assets, full_run):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed")
+    out = str(assets["dir"] / "mpi" / "AddSub.jsonl")
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"] + _cmd(assets, out)
+    res = _run(cmd)
+    assert res.stdout.count("AddSub Accuracy") == 1  # only rank 0 prints
+    assert [r["generate"] for r in _lines(out)] == [r["generate"] for r in _lines(full_run["out"])]
+    assert open(out).read() == open(full_run["out"]).read()
+    one = pickle.load(open(os.path.join(os.path.dirname(full_run["out"]), "AddSub_type_weight.pkl"), "rb"))
+    two = pickle.load(open(os.path.join(os.path.dirname(out), "AddSub_type_weight.pkl"), "rb"))
+    assert two["token_num"] == one["token_num"]
+    for layer in one["layers"]:
+        np.testing.assert_allclose(two["layers"][layer]["sum_weights"], one["layers"][layer]["sum_weights"],
+                                   rtol=1e-4)
+
+
+def test_score_only(assets, full_run, tmp_path):
+    src = tmp_path / "AddSub_predict.jsonl"
+    recs = _lines(full_run["out"])
+    recs[0]["generate"] = "The answer is %s." % recs[0]["answer"]
+    with open(src, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    res = _run([sys.executable, "inference.py", "--score_only", "--save_path", str(src)])
+    k = 1 + sum(r["correct"] for r in recs[1:])
+    assert "AddSub Accuracy: %d/3" % k in res.stdout
+    assert json.load(open(tmp_path / "acc_score.json"))["AddSub"] == pytest.approx(k / 3)
+    assert (tmp_path / "AddSub_predict_summary.txt").read_text().startswith("AddSub Accuracy")
+    # --dataset overrides the name found in the path
+    renamed = tmp_path / "preds.jsonl"
+    shutil.copy(src, renamed)
+    res = _run([sys.executable, "inference.py", "--score_only", "--save_path", str(renamed), "--dataset", "addsub"])
+    assert "AddSub Accuracy: %d/3" % k in res.stdout
+
+
+def test_user_errors_are_one_line(assets, tmp_path):
+    for cmd in ([sys.executable, "inference.py", "--score_only", "--save_path", str(tmp_path / "nope.jsonl")],
+                _cmd(assets, str(tmp_path / "o.jsonl"), "--max_seq_len", "100")):
+        res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_prediction_writer_keeps_out_of_order_results(tmp_path):
+    """Results of later shards (other ranks) wait in .pending; a restart picks them up and skips them."""
+    from inference import PredictionWriter
+    records = [{"instruction": "q%d" % i, "input": ""} for i in range(4)]
+    out = str(tmp_path / "s.jsonl")
+    rec = lambda i: {"instruction": "q%d" % i, "input": "", "generate": "g%d" % i}  # noqa: E731
+    w = PredictionWriter(out, records)
+    w.add({0: rec(0), 2: rec(2)})            # 2 arrives before 1
+    assert len(_lines(out)) == 1 and os.path.exists(out + ".pending")
+    w = PredictionWriter(out, records)       # as after a kill
+    assert w.completed(4).tolist() == [1, 0, 1, 0]
+    w.add({1: rec(1), 3: rec(3)})
+    assert [r["generate"] for r in _lines(out)] == ["g0", "g1", "g2", "g3"]
+    assert not os.path.exists(out + ".pending")
+    with pytest.raises(Exception, match="other data"):
+        PredictionWriter(out, [{"instruction": "x", "input": ""}] * 4)
