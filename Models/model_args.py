@@ -5,8 +5,7 @@ The reference's string flags (`0-8,24-32`, `Q,K,V,O,FFN_DOWN`) are accepted at t
 """
 import dataclasses
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from Utils.errors import UserError

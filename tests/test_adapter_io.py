@@ -9,30 +9,16 @@ import pytest
 from Models.model_args import ModelArgs
 from Utils.errors import UserError
 
+import tiny_variants
+from tiny_variants import LORA, TINY
+
 checkpoint_io = pytest.importorskip("Utils.checkpoint_io", reason="Utils/checkpoint_io.py is not importable yet")
 
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=64)
-ALL = "0-2"
-MOA = dict(lora_layers=ALL, lora_rank=4, lora_alpha=8, prompt_layers=ALL, prompt_len=3, p_adapter_layers=ALL,
-           p_adapter_size=8)
-LORA = dict(lora_layers=ALL, lora_rank=4, lora_alpha=8, lora_targets="Q,K,V,O,FFN_UP,FFN_DOWN")
-QKVOD = "Q,K,V,O,FFN_DOWN"
-VARIANTS = {
-    "soft_moa": dict(MOA, routing="soft_moa", swi_x=2, lora_targets="Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN"),
-    "sparse_moa": dict(MOA, routing="sparse_moa", swi_x=2, lora_targets=QKVOD, prompt_layers="0-0",
-                       threshold_grad="ste", max_threshold=0.8),
-    "sparse_moa_const": dict(MOA, routing="sparse_moa", swi_x=0, lora_targets=QKVOD, const_threshold=True),
-    "instance_moa": dict(MOA, routing="instance_moa", swi_x=2, lora_targets="Q,K,V,O,FFN_UP,FFN_DOWN"),
-    "unipeft": dict(MOA, routing="unipeft", lora_targets=QKVOD),
-    "soft_moe_lora": dict(LORA, routing="soft_moe"),
-    "molora_e4": dict(LORA, routing="soft_moe", expert_num=4),
-    "hydralora_e4": dict(LORA, routing="soft_moe", expert_num=4, hydra_moe=True),
-    "prompt_moe_e2": dict(routing="soft_moe", prompt_layers=ALL, prompt_len=3, expert_num=2),
-    "pa_moe_hydra_e2": dict(routing="soft_moe", p_adapter_layers=ALL, p_adapter_size=8, expert_num=2,
-                            p_adapter_hydra=True),
-    "topk_moe_e4_k2": dict(LORA, routing="topk_moe", expert_num=4, top_k=2, lb_loss_coeff=0.01),
-    "adamole_e4": dict(LORA, routing="adamole", expert_num=4, noisy_router=True),
-}
+# Every variant of the shared table except the two single-adapter rows, with the sparse and AdaMoLE rows
+# configured away from their defaults so the saved config carries non-default values.
+VARIANTS = {k: v for k, v in tiny_variants.VARIANTS.items() if k not in ("prompt_only", "pa_only")}
+VARIANTS["sparse_moa"] = dict(VARIANTS["sparse_moa"], threshold_grad="ste", max_threshold=0.8)
+VARIANTS["adamole_e4"] = dict(LORA, routing="adamole", expert_num=4, noisy_router=True)
 SPEC_KEYS = {"w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "swi_x", "p_adapter_layers",
              "p_adapter_size", "p_adapter_hydra", "prompt_layers", "prompt_len", "max_seq_len",
              "expert_num", "hydra_moe", "max_threshold", "const_threshold", "noisy_router", "top_k", "adamole",
@@ -43,21 +29,8 @@ ADAPTER_FIELDS = ("routing", "w_bias", "lora_layers", "lora_rank", "lora_targets
                   "noisy_router", "max_seq_len")
 
 
-def make_args(name, **kw):
-    merged = dict(TINY)
-    merged.update(VARIANTS[name])
-    merged.update(kw)
-    return ModelArgs(**merged)
-
-
 def build(name, seed, **kw):
-    from Models.llama_adapter import LLaMA_adapter
-    from Utils.runtime import import_jittor, seed_everything
-    jt = import_jittor()
-    seed_everything(seed)
-    model = LLaMA_adapter(make_args(name, **kw))
-    jt.sync_all()  # Jittor draws lazy random inits at execution: materialise now so the seed alone decides them
-    return model
+    return tiny_variants.build(name, seed, variants=VARIANTS, **kw)
 
 
 def randomize_adapters(jt, model, seed=0):
