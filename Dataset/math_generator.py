@@ -1,8 +1,10 @@
 """Synthetic arithmetic word problems in the LLM-Adapters record format (SPEC §6.1), for tiny-model demos.
 
 Not part of the paper: our own deterministic generator, so a demo can pre-train a tiny base model on one
-family ("base": one-step addition/subtraction) and fine-tune adapters on an unseen one ("task": new
-sentence templates, multiplication, exact division and two-step problems). Every result is below 1000.
+family ("base": one-step addition/subtraction, in sentences that already use most of the task's words) and
+fine-tune adapters on an unseen one ("task": new sentence templates, multiplication, exact division and two-step
+problems). Numbers stay small (sums and differences of numbers up to 40, products of one-digit numbers) so
+a tiny model can learn the arithmetic itself, not only the sentence patterns.
 """
 import argparse
 import json
@@ -31,14 +33,14 @@ def _pick(rng):
 
 def _buy_more(rng):
     name, he, _, obj, _ = _pick(rng)
-    a, b = rng.randint(1, 60), rng.randint(1, 40)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
     return ("%s has %d %s. %s buys %d more. How many %s does %s have now?" % (name, a, obj, he.capitalize(),
             b, obj, name), "%s has %d %s and buys %d more." % (name, a, obj, b), [(a, "+", b, a + b)])
 
 
 def _give_away(rng):
     name, he, other, obj, _ = _pick(rng)
-    a = rng.randint(2, 80)
+    a = rng.randint(2, 40)
     b = rng.randint(1, a - 1)
     return ("%s has %d %s. %s gives %d to %s. How many %s does %s have left?" % (name, a, obj, he.capitalize(),
             b, other, obj, name), "%s has %d %s and gives away %d." % (name, a, obj, b), [(a, "-", b, a - b)])
@@ -46,7 +48,7 @@ def _give_away(rng):
 
 def _shop_sells(rng):
     _, _, _, obj, place = _pick(rng)
-    a = rng.randint(5, 90)
+    a = rng.randint(5, 40)
     b = rng.randint(1, a - 1)
     return ("A %s has %d %s. It sells %d of them. How many %s are left?" % (place, a, obj, b, obj),
             "The %s had %d %s and sold %d." % (place, a, obj, b), [(a, "-", b, a - b)])
@@ -54,21 +56,51 @@ def _shop_sells(rng):
 
 def _together(rng):
     name, _, other, obj, _ = _pick(rng)
-    a, b = rng.randint(1, 50), rng.randint(1, 50)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
     return ("%s has %d %s and %s has %d %s. How many %s do they have together?" % (name, a, obj, other, b, obj,
             obj), "%s has %d and %s has %d." % (name, a, other, b), [(a, "+", b, a + b)])
 
 
+def _earn_and_spend(rng):
+    name, _, _, _, _ = _pick(rng)
+    a = rng.randint(3, 40)
+    b = rng.randint(1, a - 1)
+    return ("%s earns %d dollars and spends %d dollars. How many dollars does %s have left?" % (name, a, b, name),
+            "%s earns %d dollars and spends %d." % (name, a, b), [(a, "-", b, a - b)])
+
+
+def _bag_and_find(rng):
+    name, _, _, obj, _ = _pick(rng)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    return ("%s puts %d %s into a bag and finds %d more. How many %s are in the bag now?" % (name, a, obj, b, obj),
+            "%s puts %d %s into a bag and finds %d more." % (name, a, obj, b), [(a, "+", b, a + b)])
+
+
+def _share_some(rng):
+    name, _, _, obj, _ = _pick(rng)
+    a = rng.randint(3, 40)
+    b = rng.randint(1, a - 1)
+    return ("%s has %d %s and shares %d of them with friends. How many %s does %s have left?" % (name, a, obj, b,
+            obj, name), "%s has %d %s and shares %d." % (name, a, obj, b), [(a, "-", b, a - b)])
+
+
+def _boxes_arrive(rng):
+    _, _, _, obj, place = _pick(rng)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    return ("A %s has %d boxes of %s. It gets %d more boxes. How many boxes does it have now?" % (place, a, obj, b),
+            "The %s had %d boxes and got %d more." % (place, a, b), [(a, "+", b, a + b)])
+
+
 def _groups(rng):
     name, _, _, obj, _ = _pick(rng)
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
     return ("%s buys %d bags with %d %s in each bag. How many %s does %s buy?" % (name, a, b, obj, obj, name),
             "%d bags with %d %s each." % (a, b, obj), [(a, "*", b, a * b)])
 
 
 def _share(rng):
     name, _, _, obj, _ = _pick(rng)
-    b, q = rng.randint(2, 9), rng.randint(2, 12)
+    b, q = rng.randint(2, 9), rng.randint(2, 9)
     a = b * q  # built from the quotient so the division is exact
     return ("%s shares %d %s equally among %d friends. How many %s does each friend get?" % (name, a, obj, b,
             obj), "%d %s are shared by %d friends." % (a, obj, b), [(a, "/", b, q)])
@@ -76,7 +108,7 @@ def _share(rng):
 
 def _boxes_then_sell(rng):
     _, _, _, obj, place = _pick(rng)
-    a, b = rng.randint(2, 9), rng.randint(2, 10)
+    a, b = rng.randint(2, 6), rng.randint(2, 6)
     c = rng.randint(1, a * b - 1)
     return ("A %s gets %d boxes of %s with %d in each box. It sells %d %s. How many %s are left?" % (place, a,
             obj, b, c, obj, obj), "The %s got %d boxes of %d and sold %d." % (place, a, b, c),
@@ -85,7 +117,7 @@ def _boxes_then_sell(rng):
 
 def _buy_then_split(rng):
     name, he, _, obj, _ = _pick(rng)
-    c, q = rng.randint(2, 6), rng.randint(2, 10)
+    c, q = rng.randint(2, 5), rng.randint(2, 8)
     a = rng.randint(1, c * q - 1)
     b = c * q - a  # the sum is a multiple of c so the split is exact
     return ("%s has %d %s and finds %d more. %s puts them equally into %d bags. How many %s are in each bag?"
@@ -95,7 +127,7 @@ def _buy_then_split(rng):
 
 def _earn_then_spend(rng):
     name, _, _, _, _ = _pick(rng)
-    a, b = rng.randint(2, 20), rng.randint(2, 7)
+    a, b = rng.randint(2, 9), rng.randint(2, 4)
     c = rng.randint(2, a * b - 1)
     return ("%s earns %d dollars a day for %d days and spends %d dollars. How many dollars does %s have left?"
             % (name, a, b, c, name), "%s earns %d dollars for %d days and spends %d." % (name, a, b, c),
@@ -103,7 +135,8 @@ def _earn_then_spend(rng):
 
 
 TEMPLATES = {
-    "base": [_buy_more, _give_away, _shop_sells, _together],
+    "base": [_buy_more, _give_away, _shop_sells, _together, _earn_and_spend, _bag_and_find, _share_some,
+             _boxes_arrive],
     "task": [_groups, _share, _boxes_then_sell, _buy_then_split, _earn_then_spend],
 }
 
@@ -112,7 +145,9 @@ def _record(question, restatement, steps):
     answer = steps[-1][3]
     work = " ".join("%d %s %d = %d." % step for step in steps)
     return {"instruction": question, "input": "",
-            "output": "\nA: %s %s The answer is %d." % (restatement, work, answer),
+            # A leading space, not "\n": tiktoken would merge the prompt's final ":" with a newline into one token
+            # (":\n", SPEC §6.3), so the answer's first token would follow a prompt end never seen at inference.
+            "output": " %s %s The answer is %d." % (restatement, work, answer),
             "answer": str(float(answer))}  # "12.0", the form the shared numeric test sets use
 
 

@@ -21,7 +21,7 @@ def test_records_are_consistent(family):
     assert len({r["instruction"] for r in recs}) == 500
     for r in recs:
         assert set(r) == {"instruction", "input", "output", "answer"} and r["input"] == ""
-        assert r["output"].startswith("\nA: ")
+        assert r["output"].startswith(" ") and not r["output"].startswith("  ")
         m = re.search(r"The answer is (\d+)\.$", r["output"])
         assert m and r["answer"] == str(float(int(m.group(1))))
         assert is_correct("gsm8k", extract_answer("gsm8k", r["output"]), r["answer"])
@@ -80,3 +80,15 @@ def test_cli_module_entry(tmp_path):
                     "4", "--n_val", "1", "--n_test", "1", "--seed", "0"], cwd=root, check=True,
                    capture_output=True)
     assert len(json.loads((tmp_path / "train.json").read_text())) == 4
+
+
+def test_prompt_tokens_are_a_prefix_of_the_training_example(tokenizer):
+    """Training tokenises prompt + output as one string (SPEC §6.3, D6); for the generated data the prompt's
+    tokens must come out unchanged, so a trained model sees at inference the same prompt end as in training."""
+    from Dataset import encode_example, format_prompt
+    for family in ("base", "task"):
+        for r in generate_math_dataset(50, family, seed=0):
+            prompt = tokenizer.encode(format_prompt(r), bos=True, eos=False)
+            ids, labels = encode_example(r, tokenizer, 256)
+            assert ids[:len(prompt)] == prompt
+            assert labels[len(prompt) - 1] < 0 and labels[len(prompt)] == ids[len(prompt)]
