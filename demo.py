@@ -9,6 +9,7 @@ from Utils.errors import UserError, cli_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, ".cache", "demo")
+DEMO_VERSION = 3  # bump when the generated data or the base recipe changes, so stale caches are not reused
 
 
 def tiny_base_dir():
@@ -61,12 +62,34 @@ def _accuracy(save_dir):
     return scores
 
 
+def draw_plots(out_dir, ft_dir, eval_dir, stem="task"):
+    """The README's pictures from this run: layer x adapter-type heatmap, one example's tokens x types in the middle
+    layer, and the train/val loss curves."""
+    from Utils import plot
+    d = os.path.join(out_dir, "plots")
+    os.makedirs(d, exist_ok=True)
+    plt = plot._plt()
+    made = []
+    tw = plot.load_pickle(os.path.join(eval_dir, stem + "_type_weight.pkl"), "type_weight")
+    made.append(os.path.join(d, "type_weight.png"))
+    plot.plot_type_weight(tw, made[-1])
+    tok = plot.load_pickle(os.path.join(eval_dir, stem + "_token_weight.pkl"), "token_weight")
+    layers = sorted(tok[0]["layers"])
+    layer = layers[len(layers) // 2]
+    made.append(os.path.join(d, "token_weight_layer%d.png" % layer))
+    plot.plot_token_weight(tok, 0, layer, made[-1])
+    made.append(os.path.join(d, "loss_curves.png"))
+    plot.plot_curves(ft_dir, made[-1])
+    plt.close("all")
+    return made
+
+
 def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="demo.py", description="The embedded demo: tiny base -> MoA fine-tune -> eval.")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "output", "demo"))
     p.add_argument("--np", type=int, default=2, help="mpirun processes for fine-tuning")
-    p.add_argument("--base_steps", type=int, default=300)
-    p.add_argument("--ft_steps", type=int, default=150)
+    p.add_argument("--base_steps", type=int, default=2500)
+    p.add_argument("--ft_steps", type=int, default=600)
     p.add_argument("--n_test", type=int, default=100)
     p.add_argument("--routing", default="soft_moa")
     a = p.parse_args(argv)
@@ -78,14 +101,15 @@ def cmd_demo(argv):
     os.makedirs(logs, exist_ok=True)
 
     from Dataset.math_generator import write_splits
-    data = os.path.join(CACHE, "data")
-    for fam, n in (("base", 3000), ("task", 1500)):
+    cache = os.path.join(CACHE, "v%d" % DEMO_VERSION)
+    data = os.path.join(cache, "data")
+    for fam, n in (("base", 20000), ("task", 1500)):
         if not os.path.isfile(os.path.join(data, fam, "test.json")):
             write_splits(os.path.join(data, fam), fam, n, 100, 200, seed=0 if fam == "base" else 1)
     print("[1/4] data: generated arithmetic word problems in %s (base family for the base model, an unseen "
           "task family for the adapters)" % data)
 
-    base = os.path.join(CACHE, "base_%d" % a.base_steps)
+    base = os.path.join(cache, "base_%d" % a.base_steps)
     if not os.path.isfile(os.path.join(base, "consolidated.00.pth")):
         print("[2/4] training the tiny LLaMA-3-shaped base (dim 128, 4 layers, real LLaMA-3 tokenizer) on the base "
               "family, %d steps; cached for later runs" % a.base_steps)
@@ -93,7 +117,7 @@ def cmd_demo(argv):
         from Models.tokenizer import Tokenizer
         from Utils.pretrain_tiny import pretrain_tiny_base
         pretrain_tiny_base(base, load_records(os.path.join(data, "base", "train.json")), Tokenizer(),
-                           steps=a.base_steps)
+                           steps=a.base_steps, extra_records=load_records(os.path.join(data, "task", "train.json")))
     else:
         print("[2/4] tiny base: cached in %s" % base)
 
@@ -107,8 +131,8 @@ def cmd_demo(argv):
           "--val_data_path", os.path.join(task, "validation.json"), "--output_dir", ft, "--routing", a.routing,
           "--lora_layers", "0-4", "--lora_targets", "Q,K,V,O,FFN_DOWN", "--lora_rank", "8", "--lora_alpha", "8",
           "--prompt_layers", "0-4", "--p_adapter_layers", "0-4", "--swi_x", "4", "--batch_size", "8",
-          "--epochs", "2", "--warmup_epochs", "0.1", "--lr", "3e-3", "--weight_decay", "0.02",
-          "--max_steps", str(a.ft_steps), "--max_seq_len", "128", "--val_interval", "50", "--log_interval", "25",
+          "--epochs", "10", "--warmup_epochs", "0.2", "--lr", "8e-3", "--weight_decay", "0.02",
+          "--max_steps", str(a.ft_steps), "--max_seq_len", "128", "--val_interval", "75", "--log_interval", "75",
           "--progress", "false"], os.path.join(logs, "finetune.log"))
 
     print("[4/4] evaluating base and adapted model on %d held-out task problems (greedy)" % a.n_test)
@@ -117,13 +141,17 @@ def cmd_demo(argv):
                                                    "--dump_type_weight", "true", "--dump_token_weight", "2"])):
         save = os.path.join(a.out_dir, "eval_" + name) + os.sep
         shutil.rmtree(save, ignore_errors=True)
+        if os.path.isfile(save[:-1]):  # a stale predictions file where the directory goes
+            os.remove(save[:-1])
         _run([py, "inference.py", "--ckpt_dir", base, "--data_path", os.path.join(task, "test.json"),
               "--save_path", save, "--max_gen_len", "64", "--max_batch_size", "50", "--temperature", "0",
               "--max_examples", str(a.n_test)] + extra, os.path.join(logs, "eval_%s.log" % name))
         results[name] = _accuracy(save)
+    plots = draw_plots(a.out_dir, ft, os.path.join(a.out_dir, "eval_adapted"))
     print()
     for name in ("base", "adapted"):
         print("%-8s accuracy on the unseen task: %.3f" % (name, results[name].get("average", 0.0)))
+    print("pictures: %s" % ", ".join(plots))
     print("adapters, logs, predictions and routing dumps: %s   (%.1f min)" % (a.out_dir, (time.time() - t_start) / 60))
 
 

@@ -117,8 +117,9 @@ def output_files(names, save_path):
     as_dir = len(names) > 1 or os.path.isdir(save_path) or save_path.endswith(os.sep)
     if not as_dir:
         return {names[0]: save_path}
-    if os.path.isfile(save_path):
-        raise UserError("%s: is a file, but %d test sets need a directory" % (save_path, len(names)))
+    if os.path.isfile(save_path.rstrip(os.sep) or save_path):  # "out/" names a directory; "out" may be a file
+        raise UserError("%s: is a file, but a directory is needed (a trailing '%s' or %d test sets ask for one)"
+                        % (save_path.rstrip(os.sep), os.sep, len(names)))
     return {n: os.path.join(save_path, n + ".jsonl") for n in names}
 
 

@@ -199,11 +199,14 @@ def test_score_only(assets, full_run, tmp_path):
 
 
 def test_user_errors_are_one_line(assets, tmp_path):
+    (tmp_path / "taken").write_text("a file where the output directory should go\n")
     for cmd in ([sys.executable, "inference.py", "--score_only", "--save_path", str(tmp_path / "nope.jsonl")],
-                _cmd(assets, str(tmp_path / "o.jsonl"), "--max_seq_len", "100")):
+                _cmd(assets, str(tmp_path / "o.jsonl"), "--max_seq_len", "100"),
+                _cmd(assets, str(tmp_path / "taken") + os.sep)):
         res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2, res.stderr[-2000:]
         assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    assert (tmp_path / "taken").read_text().startswith("a file")  # nothing on disk was lost
 
 
 def test_prediction_writer_keeps_out_of_order_results(tmp_path):
