@@ -259,28 +259,33 @@ def attach_prompt(attention, args):
 
 
 def prompt_attention(attention, q, x):
-    """Zero-gated prompt attention (SPEC §2.5); q: RoPE'd queries [B, H, T, hd], x: attention-normed input.
+    """Zero-gated prompt attention (SPEC §2.5). q: RoPE'd queries grouped by KV head, [B·H_kv, n_rep·T, hd]
+    (head h = j·n_rep + r under KV head j, as in Attention.execute); x: the attention-normed input [B, T, d].
 
     Keys/values of the prompt go through the frozen wk/wv (no norm, no RoPE); their softmax is separate from the
     causal one; the per-head gate multiplies the probabilities. Returns [B, H, T, hd].
     """
-    from Models.llama import repeat_kv
-    B, H, T, hd = q.shape
+    from Models.kernels import batched_matmul
+    B, T = x.shape[0], x.shape[1]
+    Hkv, rep, hd = attention.n_kv_heads, attention.n_rep, attention.head_dim
     E, P = attention.prompt_experts, attention.prompt_len
-    pm = attention.prompt.weight.cast(q.dtype)                            # [E·P, d]
-    kp = attention.wk(pm).reshape(1, E * P, attention.n_kv_heads, hd)
-    vp = attention.wv(pm).reshape(1, E * P, attention.n_kv_heads, hd)
-    kp = repeat_kv(kp, attention.n_rep).transpose(0, 2, 3, 1)            # [1, H, hd, E·P]
-    vp = repeat_kv(vp, attention.n_rep).transpose(0, 2, 1, 3)            # [1, H, E·P, hd]
-    scores = jt.matmul(q, kp.broadcast((B, H, hd, E * P))).float32() / math.sqrt(hd)
-    probs = nn.softmax(scores, dim=-1).cast(q.dtype) * attention.prompt_gate.cast(q.dtype)   # [B, H, T, E·P]
-    vp = vp.broadcast((B, H, E * P, hd))
+    R = E * P
+    pm = attention.prompt.weight.cast(q.dtype)                                     # [E·P, d]
+
+    def per_group(w):  # prompt rows through a frozen projection → [B·H_kv, E·P, hd]
+        return w(pm).reshape(R, Hkv, hd).transpose(1, 0, 2).broadcast((B, Hkv, R, hd)).reshape(B * Hkv, R, hd)
+
+    kp, vp = per_group(attention.wk), per_group(attention.wv)
+    scores = batched_matmul(q, kp, transpose_b=True).float32() / math.sqrt(hd)     # [B·H_kv, n_rep·T, E·P]
+    probs = nn.softmax(scores, dim=-1).cast(q.dtype).reshape(B, Hkv, rep, T, R)
+    probs = probs * attention.prompt_gate.cast(q.dtype).reshape(1, Hkv, rep, 1, 1)
+    probs = probs.reshape(B * Hkv, rep * T, R)
     if E == 1:
-        return jt.matmul(probs, vp)
-    g = softmax32(attention.prompt_router(x))                            # [B, T, E]
+        return batched_matmul(probs, vp).reshape(B, Hkv * rep, T, hd)
+    g = softmax32(attention.prompt_router(x))                                      # [B, T, E]
     out = None
     for e in range(E):
-        o_e = jt.matmul(probs[..., e * P:(e + 1) * P], vp[:, :, e * P:(e + 1) * P, :])   # [B, H, T, hd]
-        term = o_e * g[..., e].reshape(B, 1, T, 1)
+        o_e = batched_matmul(probs[:, :, e * P:(e + 1) * P], vp[:, e * P:(e + 1) * P, :])
+        term = o_e.reshape(B, Hkv * rep, T, hd) * g[..., e].reshape(B, 1, T, 1)
         out = term if out is None else out + term
     return out

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from Models.adapters import prompt_attention
+from Models.kernels import batched_matmul
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -151,14 +152,17 @@ class Attention(nn.Module):
             assert start_pos == 0, "without a cache the sequence must start at position 0"
             keys, values = xk, xv
 
-        keys = repeat_kv(keys, self.n_rep).transpose(0, 2, 3, 1)         # [B, H, hd, S]
-        values = repeat_kv(values, self.n_rep).transpose(0, 2, 1, 3)     # [B, H, S, hd]
-        q = xq.transpose(0, 2, 1, 3)                                      # [B, H, T, hd]
-        scores = jt.matmul(q, keys).float32() / math.sqrt(self.head_dim)  # [B, H, T, S]
+        # Query heads grouped under their KV head (head h = j·n_rep + r uses KV head j), so GQA needs no
+        # repeated K/V copies and each group is one GEMM: [B·H_kv, n_rep·T, hd] against [B·H_kv, S, hd].
+        S, Hkv, rep, hd = keys.shape[1], self.n_kv_heads, self.n_rep, self.head_dim
+        q = xq.transpose(0, 2, 1, 3).reshape(B * Hkv, rep * T, hd)
+        keys = keys.transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd)
+        values = values.transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd)
+        scores = batched_matmul(q, keys, transpose_b=True).float32() / math.sqrt(hd)   # [B·H_kv, n_rep·T, S]
         if mask is not None:
-            scores = scores + mask
+            scores = (scores.reshape(B * Hkv, rep, T, S) + mask).reshape(B * Hkv, rep * T, S)
         probs = nn.softmax(scores, dim=-1).cast(q.dtype)
-        output = jt.matmul(probs, values)                                 # [B, H, T, hd]
+        output = batched_matmul(probs, values).reshape(B, self.n_heads, T, hd)         # [B, H, T, hd]
         if self.prompt is not None:
             # Zero-gated prompt (SPEC §2.5): own softmax over prompt slots, frozen wk/wv, weighted by the route.
             output = _add(output, route.scale("prompt", prompt_attention(self, q, x)))

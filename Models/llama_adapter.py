@@ -91,6 +91,7 @@ class LLaMA_adapter(nn.Module):
 
         Returns (loss, ce_loss, lb_loss); lb_loss is None when the variant has none.
         """
+        from Models.losses import head_cross_entropy
         from Models.moa import collect_aux_losses
         h = self.llama.hidden_states(tokens)                     # [B, T, d]
         d = h.shape[-1]
@@ -101,11 +102,7 @@ class LLaMA_adapter(nn.Module):
         if rows.shape[0] == 0:
             ce = h.sum() * 0.0  # nothing supervised: a zero loss that still has a graph (as the reference)
         else:
-            logits = self.llama.output(h[rows]).float32()        # [m, V]
-            tgt = target[rows].reshape(-1, 1)
-            logits = logits - logits.max(1, keepdims=True).stop_grad()
-            lse = logits.exp().sum(1).log()
-            ce = (lse - logits.gather(1, tgt).reshape(-1)).mean()
+            ce = head_cross_entropy(h[rows], self.llama.output.weight, target[rows])
         lb = collect_aux_losses(self.llama)
         if lb is not None and self.args.lb_loss_coeff:
             return ce + self.args.lb_loss_coeff * lb, ce, lb

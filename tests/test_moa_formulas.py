@@ -172,11 +172,12 @@ def test_prompt_attention_against_numpy(jt, rng, E):
     B, T = 2, 5
     q = rng.normal(size=(B, H, T, hd)).astype(np.float32)
     x = rng.normal(size=(B, T, d)).astype(np.float32)
+    qg = jt.array(q.reshape(B * Hkv, (H // Hkv) * T, hd))  # grouped by KV head, as Attention.execute passes it
     # zero gate ⇒ exactly zero output
-    assert np.all(prompt_attention(att, jt.array(q), jt.array(x)).numpy() == 0)
+    assert np.all(prompt_attention(att, qg, jt.array(x)).numpy() == 0)
     gate = rng.normal(size=(1, H, 1, 1)).astype(np.float32)
     assign(jt, att.prompt_gate, gate)
-    out = prompt_attention(att, jt.array(q), jt.array(x)).numpy()
+    out = prompt_attention(att, qg, jt.array(x)).numpy()
 
     pm = att.prompt.weight.numpy().astype(np.float64)
     kp = (pm @ W(att.wk).T).reshape(E * P, Hkv, hd)
