@@ -1,5 +1,6 @@
-"""Batched matrix multiply for attention that reaches oneDNN's GEMM on CPU.
+"""CPU kernels where Jittor's own path is slow: batched GEMM for attention, and the decode-time vocabulary head.
 
+**batched_matmul.** 
 Jittor's `jt.matmul` on 3-D/4-D inputs is a fused broadcast-multiply-sum loop on CPU (JITTOR_NOTES A8); only the
 2-D form is relayed to oneDNN. At the benchmark shape that loop ran attention at ~50 GFLOP/s where oneDNN's sgemm
 gives ~210. `batched_matmul` calls `dnnl_sgemm` once per batch entry from a small JIT kernel, with the
@@ -9,6 +10,12 @@ MOA_DNNL_BMM=0 — takes `jt.matmul`.
 
 The kernel reads the shapes at run time, so one compiled kernel per transpose combination serves every shape
 (a growing KV cache does not recompile).
+
+**few_rows_matmul_t.** While decoding, the head multiplies a handful of rows (one per sequence) by the [V, d]
+vocabulary matrix: pure weight streaming. oneDNN's sgemm took ~18 ms for 8 × 512 × 128,256 here; a kernel that
+keeps 8 rows' partial sums in vector registers while each weight row streams through once, blocked so that a
+block of weight rows is reused from cache by every 8-row group, took ~7 ms (16 rows: 10 vs 31 ms; 50 rows: 26 vs
+41 ms). Inference only (no gradient); used by `Transformer.execute(last_only=True)` under no_grad.
 """
 import os
 
@@ -83,3 +90,56 @@ def batched_matmul(a, b, transpose_b=False):
     if a.dtype == "float32" and b.dtype == "float32" and _dnnl_available():
         return _BatchedMatmul.apply(a, b, transpose_b)
     return jt.matmul(a, b.transpose(0, 2, 1) if transpose_b else b)
+
+
+_ROWS_HEADER = r"""
+#include <cstdint>
+typedef float moa_v16 __attribute__((vector_size(64), aligned(4)));
+template <int MB>
+static inline void moa_dot_rows(const float* __restrict__ x, const float* __restrict__ w, int64_t K, float* out,
+                                int64_t ldo) {
+    moa_v16 acc[MB];
+    for (int m = 0; m < MB; m++) acc[m] = (moa_v16){};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const moa_v16 wv = *(const moa_v16*)(w + k);
+        for (int m = 0; m < MB; m++) acc[m] += *(const moa_v16*)(x + m * K + k) * wv;
+    }
+    for (int m = 0; m < MB; m++) {
+        float s = 0.f;
+        for (int l = 0; l < 16; l++) s += acc[m][l];
+        for (int64_t kk = k; kk < K; kk++) s += x[m * K + kk] * w[kk];
+        out[m * ldo] = s;
+    }
+}
+"""
+_ROWS_SRC = r"""
+    const int64_t M = in0_shape0, K = in0_shape1, N = in1_shape0, NB = 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+        const int64_t n1 = n0 + NB < N ? n0 + NB : N;
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8)
+            for (int64_t n = n0; n < n1; n++) moa_dot_rows<8>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
+        for (; m + 4 <= M; m += 4)
+            for (int64_t n = n0; n < n1; n++) moa_dot_rows<4>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
+        for (; m < M; m++)
+            for (int64_t n = n0; n < n1; n++) moa_dot_rows<1>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
+    }
+"""
+FEW_ROWS_MAX = 64  # above this many rows oneDNN's blocked GEMM is the better choice
+
+
+def few_rows_matmul_t(x, weight):
+    """x [M, K] · weightᵀ for weight [N, K] → [M, N], no gradient: the decode-time head (see the module notes).
+
+    Falls back to nn.matmul_transpose on CUDA, for non-fp32 inputs, more than FEW_ROWS_MAX rows, a compiler other
+    than g++/clang (the kernel uses GCC vector extensions), or MOA_FEW_ROWS_KERNEL=0.
+    """
+    use = (x.dtype == "float32" and weight.dtype == "float32" and x.shape[0] <= FEW_ROWS_MAX
+           and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
+           and os.environ.get("MOA_FEW_ROWS_KERNEL", "1") != "0")
+    if not use:
+        return jt.nn.matmul_transpose(x, weight)
+    return jt.code((x.shape[0], weight.shape[0]), "float32", [x, weight], cpu_header=_ROWS_HEADER,
+                   cpu_src=_ROWS_SRC)

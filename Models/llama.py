@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from Models.adapters import prompt_attention
-from Models.kernels import batched_matmul
+from Models.kernels import batched_matmul, few_rows_matmul_t
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -249,6 +249,9 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, start_pos, use_cache)
         if last_only:
             h = h[:, -1:, :]
+            if jt.flags.no_grad:  # decoding: a few rows against the whole vocabulary (Models/kernels.py)
+                B, d = h.shape[0], h.shape[-1]
+                return few_rows_matmul_t(h.reshape(B, d), self.output.weight).reshape(B, 1, -1).float32()
         return self.output(h).float32()
 
     def free_caches(self):

@@ -47,3 +47,26 @@ def test_views_and_no_grad(jt, path):
     with jt.no_grad():
         got = batched_matmul(v, v, transpose_b=True).numpy()
     np.testing.assert_allclose(got, want @ want.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 1000), (3, 100, 257), (8, 48, 33), (13, 512, 4099), (64, 17, 40)])
+def test_few_rows_matmul_t_matches_numpy(jt, M, K, N):
+    """Row counts that exercise the 8-, 4- and 1-row paths, K not a multiple of 16, N not a multiple of the block."""
+    from Models.kernels import few_rows_matmul_t
+    rng = np.random.default_rng(M * 1000 + K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    with jt.no_grad():
+        got = few_rows_matmul_t(jt.array(x), jt.array(w)).numpy()
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_last_only_logits_equal_full_forward(jt):
+    """The decode-time head (few_rows_matmul_t) gives the last-position logits of the ordinary forward."""
+    from tiny_variants import build
+    model = build("soft_moa", seed=0)
+    tokens = jt.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (3, 7)).astype(np.int32))
+    with jt.no_grad():
+        full = model.llama(tokens).numpy()[:, -1:, :]
+        last = model.llama(tokens, last_only=True).numpy()
+    np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-5)
