@@ -70,10 +70,10 @@ def draw_plots(out_dir, ft_dir, eval_dir, stem="task"):
     os.makedirs(d, exist_ok=True)
     plt = plot._plt()
     made = []
-    tw = plot.load_pickle(os.path.join(eval_dir, stem + "_type_weight.pkl"), "type_weight")
+    tw = plot.load_pickle(os.path.join(eval_dir, stem + "_type_weight.pkl"), "type")
     made.append(os.path.join(d, "type_weight.png"))
     plot.plot_type_weight(tw, made[-1])
-    tok = plot.load_pickle(os.path.join(eval_dir, stem + "_token_weight.pkl"), "token_weight")
+    tok = plot.load_pickle(os.path.join(eval_dir, stem + "_token_weight.pkl"), "token")
     layers = sorted(tok[0]["layers"])
     layer = layers[len(layers) // 2]
     made.append(os.path.join(d, "token_weight_layer%d.png" % layer))

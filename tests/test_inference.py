@@ -133,6 +133,20 @@ def test_plot_from_real_dump(full_run, tmp_path):
     assert os.path.getsize(tmp_path / "h.png") > 0 and os.path.getsize(tmp_path / "t.png") > 0
 
 
+def test_demo_pictures_from_real_dump(full_run, tmp_path):
+    """demo.py's last stage: the README's three pictures from an inference dump and a training log dir."""
+    from tensorboardX import SummaryWriter
+    import demo
+    eval_dir = os.path.dirname(full_run["out"])
+    w = SummaryWriter(log_dir=str(tmp_path / "ft"))
+    for step in range(1, 4):
+        w.add_scalar("c_train_loss", 3.0 - step, step)
+    w.close()
+    made = demo.draw_plots(str(tmp_path / "out"), str(tmp_path / "ft"), eval_dir, stem="AddSub")
+    assert [os.path.basename(m) for m in made] == ["type_weight.png", "token_weight_layer1.png", "loss_curves.png"]
+    assert all(os.path.getsize(m) > 1000 for m in made)
+
+
 def test_kill_and_resume_gives_same_file(assets, full_run):
     out = str(assets["dir"] / "killed" / "AddSub.jsonl")
     # Jittor (imported by this process) quits on SIGCHLD from a child killed by a signal: default handler here.
