@@ -174,16 +174,35 @@ def test_gradient_accumulation_equals_large_batch(jt, tokenizer):
     """batch 4 × accum 1 and batch 2 × accum 2 take identical optimizer steps (bias correction per step)."""
     from Dataset.finetune_dataset import FinetuneData
     from engine_finetune import AdamW, TrainState, param_groups, train_one_epoch
-    results = []
+
+    class RecordingAdamW(AdamW):  # keeps the gradient handed to every optimizer step
+        def step(self, grads):
+            self.seen.append({n: g.numpy().copy() for n, g in grads.items()})
+            return super().step(grads)
+
+    results, grads = [], []
     for bs, accum in ((4, 1), (2, 2)):
         model = _tiny_model(jt)
         data = FinetuneData.from_records(_records(12), tokenizer, 64, bs, data_seed=1)
-        opt = AdamW(param_groups(model.trainable_parameters(), 0.02), 1e-2)
+        opt = RecordingAdamW(param_groups(model.trainable_parameters(), 0.02), 1e-2)
+        opt.seen = []
         state = TrainState()
         train_one_epoch(model, data, opt, 0, state, _train_args(accum_iter=accum), print_fn=lambda *a: None)
         assert state.step == 3 and opt.step_count == 3 and state.epoch == 1 and state.micro == 0
         results.append(model.adapter_state_dict())
-    assert _max_diff(*results) <= 1e-6
+        grads.append(opt.seen)
+    # Every optimizer step sees the same averaged gradient, up to fp32 summation order (relative to each tensor's
+    # gradient scale; measured ~3e-8).
+    for step, (ga, gb) in enumerate(zip(*grads)):
+        assert sorted(ga) == sorted(gb)
+        for n in ga:
+            scale = max(float(np.abs(ga[n]).max()), 1e-12)
+            assert float(np.abs(ga[n] - gb[n]).max()) <= 1e-6 * scale, (step, n)
+    # The weights then agree to the tolerance of the 2-rank == 1-process test. Not tighter: Adam divides by √v, so
+    # an element whose gradient cancels to ~1e-8 (the first non-zero LoRA-A gradient after B leaves zero) moves by
+    # ~lr/2 either way, and a 1e-10 summation-order difference in it shows up as ~3e-6 in the weight. A per-micro-
+    # step bias correction (Jittor's default) would differ by ~1e-3.
+    assert _max_diff(*results) <= 1e-5
 
 
 def test_non_finite_loss_stops_before_the_update(jt, tokenizer):
