@@ -78,6 +78,10 @@ def import_jittor(quiet=True):
         os.environ.setdefault("log_silent", "1")
     _state["onednn"] = link_onednn()
     import jittor as jt
+    # Jittor's core turns on flush-to-zero for the process; numpy then warns, once per dtype, that float64's
+    # smallest subnormal is zero. Nothing to act on, so keep it out of users' terminals.
+    import warnings
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     if cuda and jt.has_cuda:
         jt.flags.use_cuda = 1
     if _state["onednn"] != "linked" and not jt.flags.use_cuda:
