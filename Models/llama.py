@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from Models.adapters import prompt_attention
-from Models.kernels import batched_matmul, few_rows_matmul_t
+from Models.kernels import Linear, batched_matmul, few_rows_matmul_t
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -112,10 +112,10 @@ class Attention(nn.Module):
         self.n_rep = args.n_heads // args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
         self.max_seq_len = args.max_seq_len
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         # Adapters (set by Models.moa.attach_adapters), named as in the reference.
         self.lora_Q = self.lora_K = self.lora_V = self.lora_O = None
         self.prompt = self.prompt_gate = self.prompt_router = None
@@ -173,9 +173,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args):
         hidden = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+        self.w1 = Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = Linear(args.dim, hidden, bias=False)  # up
         self.lora_GATE = self.lora_UP = self.lora_DOWN = None  # on w1, w3, w2
 
     def _lora(self, name, x, route):

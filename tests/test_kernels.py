@@ -70,3 +70,21 @@ def test_last_only_logits_equal_full_forward(jt):
         full = model.llama(tokens).numpy()[:, -1:, :]
         last = model.llama(tokens, last_only=True).numpy()
     np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_few_rows_path_matches_nn_linear(jt):
+    """Models.kernels.Linear (the base projections): gradient-free calls on ≤ FEW_ROWS_MAX rows take the few-rows
+    kernel and give nn.Linear's output; larger or gradient-carrying calls are nn.Linear's own."""
+    from Models.kernels import FEW_ROWS_MAX, Linear
+    lin = Linear(40, 72, bias=False)
+    w = lin.weight.numpy().astype(np.float64)
+    rng = np.random.default_rng(3)
+    for shape in [(8, 1, 40), (3, 5, 40), (FEW_ROWS_MAX + 1, 40)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        with jt.no_grad():
+            got = lin(jt.array(x)).numpy()
+        assert got.shape == shape[:-1] + (72,)
+        np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-5)
+    x = jt.array(rng.standard_normal((2, 40)).astype(np.float32))
+    gx = jt.grad(lin(x).sum(), x)                      # training: still differentiable
+    np.testing.assert_allclose(gx.numpy(), np.tile(w.sum(0), (2, 1)), rtol=1e-4, atol=1e-5)
