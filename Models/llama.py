@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from Models.adapters import prompt_attention
-from Models.kernels import Linear, batched_matmul, few_rows_matmul_t
+from Models.kernels import Linear, batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -158,10 +158,16 @@ class Attention(nn.Module):
         q = xq.transpose(0, 2, 1, 3).reshape(B * Hkv, rep * T, hd)
         keys = keys.transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd)
         values = values.transpose(0, 2, 1, 3).reshape(B * Hkv, S, hd)
-        scores = batched_matmul(q, keys, transpose_b=True).float32() / math.sqrt(hd)   # [B·H_kv, n_rep·T, S]
-        if mask is not None:
-            scores = (scores.reshape(B * Hkv, rep, T, S) + mask).reshape(B * Hkv, rep * T, S)
-        probs = nn.softmax(scores, dim=-1).cast(q.dtype)
+        scores = batched_matmul(q, keys, transpose_b=True).float32()                   # [B·H_kv, n_rep·T, S]
+        if causal_softmax_available(scores):
+            # One multi-threaded pass; the mask it applies is causal_mask(T, S − T), the only one Transformer
+            # passes (None when T == 1, where every key is visible either way).
+            probs = causal_softmax(scores, T, 1.0 / math.sqrt(hd)).cast(q.dtype)
+        else:
+            scores = scores / math.sqrt(hd)
+            if mask is not None:
+                scores = (scores.reshape(B * Hkv, rep, T, S) + mask).reshape(B * Hkv, rep * T, S)
+            probs = nn.softmax(scores, dim=-1).cast(q.dtype)
         output = batched_matmul(probs, values).reshape(B, self.n_heads, T, hd)         # [B, H, T, hd]
         if self.prompt is not None:
             # Zero-gated prompt (SPEC §2.5): own softmax over prompt slots, frozen wk/wv, weighted by the route.
