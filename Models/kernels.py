@@ -100,16 +100,6 @@ def batched_matmul(a, b, transpose_b=False):
 _ROWS_HEADER = r"""
 #include <cstdint>
 typedef float moa_v16 __attribute__((vector_size(64), aligned(4)));
-typedef float moa_v8 __attribute__((vector_size(32)));
-typedef float moa_v4 __attribute__((vector_size(16)));
-// Lane sum by halving (4 vector adds) instead of 15 dependent scalar adds: with K = 512 the per-output sum
-// otherwise costs about as much as the multiply-adds.
-static inline float moa_hsum16(moa_v16 v) {
-    const moa_v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-                   + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const moa_v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
 template <int MB>
 static inline void moa_dot_rows(const float* __restrict__ x, const float* __restrict__ w, int64_t K, float* out,
                                 int64_t ldo) {
@@ -122,7 +112,8 @@ static inline void moa_dot_rows(const float* __restrict__ x, const float* __rest
         for (int m = 0; m < MB; m++) acc[m] += *(const moa_v16*)(x + m * K + k) * wv;
     }
     for (int m = 0; m < MB; m++) {
-        float s = moa_hsum16(acc[m]);
+        float s = 0.f;
+        for (int l = 0; l < 16; l++) s += acc[m][l];
         for (int64_t kk = k; kk < K; kk++) s += x[m * K + kk] * w[kk];
         out[m * ldo] = s;
     }
