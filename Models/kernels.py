@@ -28,7 +28,7 @@ from Utils.runtime import import_jittor
 
 jt = import_jittor()
 
-_HEADER = r"""
+DNNL_SGEMM_DECL = r"""
 #include <cstdint>
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
@@ -54,7 +54,7 @@ def _gemm(a, b, ta, tb):
     """op(a) @ op(b) per batch entry, a/b fp32 [batch, rows, cols]; no gradient."""
     n = a.shape[2] if ta else a.shape[1]
     k = b.shape[1] if tb else b.shape[2]
-    return jt.code((a.shape[0], n, k), "float32", [a, b], cpu_header=_HEADER, cpu_src=_gemm_source(ta, tb))
+    return jt.code((a.shape[0], n, k), "float32", [a, b], cpu_header=DNNL_SGEMM_DECL, cpu_src=_gemm_source(ta, tb))
 
 
 class _BatchedMatmul(jt.Function):
@@ -71,9 +71,10 @@ class _BatchedMatmul(jt.Function):
         return _gemm(g, b, False, True), _gemm(a, g, True, False), None
 
 
-def _dnnl_available():
+def dnnl_available():
+    """True when JIT kernels can call oneDNN's dnnl_sgemm (CPU, a Jittor built with oneDNN); checked once."""
     if _state["ok"] is None:
-        ok = (os.environ.get("MOA_DNNL_BMM", "1") != "0" and not jt.flags.use_cuda
+        ok = (not jt.flags.use_cuda
               and getattr(jt.compile_extern, "mkl_ops", None) is not None)
         if ok:  # one tiny self-check: the kernel must compile, link dnnl_sgemm and agree with jt.matmul
             import numpy as np
@@ -92,7 +93,8 @@ def _dnnl_available():
 
 def batched_matmul(a, b, transpose_b=False):
     """a [N, n, m] @ b [N, m, k] (or bᵀ for b [N, k, m] when transpose_b) → [N, n, k]; differentiable."""
-    if a.dtype == "float32" and b.dtype == "float32" and _dnnl_available():
+    if (a.dtype == "float32" and b.dtype == "float32" and os.environ.get("MOA_DNNL_BMM", "1") != "0"
+            and dnnl_available()):
         return _BatchedMatmul.apply(a, b, transpose_b)
     return jt.matmul(a, b.transpose(0, 2, 1) if transpose_b else b)
 
@@ -132,6 +134,67 @@ _ROWS_SRC = r"""
         for (; m < M; m++)
             for (int64_t n = n0; n < n1; n++) moa_dot_rows<1>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
     }
+"""
+# Vectorised exp for CPU kernels (GCC vector extensions; -march=native picks AVX-512/AVX2/SSE lanes). Cephes'
+# single-precision expf scheme: exp(x) = 2ⁿ·exp(r), n = round(x·log2 e), |r| ≤ ln2/2, a degree-6 polynomial for exp(r);
+# within 2 ulp of expf. Inputs below −87.3 give exactly 0 (no denormals); callers pass x ≤ 0.
+VEC_EXP_HEADER = r"""
+#include <cstdint>
+#include <cmath>
+typedef float moa_f16 __attribute__((vector_size(64)));
+typedef float moa_f16u __attribute__((vector_size(64), aligned(4)));   // unaligned loads and stores
+typedef int32_t moa_i16 __attribute__((vector_size(64)));
+static inline moa_f16 moa_load16(const float* p) { return *(const moa_f16u*)p; }
+static inline void moa_store16(float* p, moa_f16 v) { *(moa_f16u*)p = v; }
+static inline moa_f16 moa_exp16(moa_f16 x) {
+    const moa_f16 zero = {};
+    const moa_i16 under = x < zero - 87.3f;
+    x = x < zero - 87.3f ? zero - 87.3f : x;
+    // n = round(x·log2 e): truncation of y ± 0.5 (kernels build with -Ofast, so no (y + 1.5·2²³) − 1.5·2²³ trick)
+    const moa_f16 y2 = x * 1.44269504088896341f;
+    const moa_i16 ni = __builtin_convertvector(y2 + (y2 < zero ? zero - 0.5f : zero + 0.5f), moa_i16);
+    const moa_f16 n = __builtin_convertvector(ni, moa_f16);
+    const moa_f16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    moa_f16 p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const moa_f16 y = p * r * r + r + 1.f;
+    const moa_i16 bits = (ni + 127) << 23;
+    const moa_i16 out = (moa_i16)(y * (moa_f16)bits) & ~under;
+    return (moa_f16)out;
+}
+// max of z[0..n), n >= 1
+static inline float moa_max(const float* z, int64_t n) {
+    float mx = z[0];
+    int64_t j = 0;
+    if (n >= 16) {
+        moa_f16 m = moa_load16(z);
+        for (j = 16; j + 16 <= n; j += 16) { const moa_f16 v = moa_load16(z + j); m = v > m ? v : m; }
+        for (int l = 0; l < 16; l++) mx = m[l] > mx ? m[l] : mx;
+    }
+    for (; j < n; j++) mx = z[j] > mx ? z[j] : mx;
+    return mx;
+}
+// z[j] = exp(z[j] - shift) in place; returns the sum
+static inline float moa_exp_sum_inplace(float* z, int64_t n, float shift) {
+    moa_f16 acc = {};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) { const moa_f16 e = moa_exp16(moa_load16(z + j) - shift); moa_store16(z + j, e); acc += e; }
+    if (j < n) {
+        moa_f16 v = {};
+        v = v - 1e30f;
+        for (int64_t k = j; k < n; k++) v[k - j] = z[k] - shift;
+        const moa_f16 e = moa_exp16(v);
+        for (int64_t k = j; k < n; k++) z[k] = e[k - j];
+        acc += e;
+    }
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
 """
 FEW_ROWS_MAX = 64  # above this many rows oneDNN's blocked GEMM is the better choice
 

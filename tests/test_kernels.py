@@ -9,7 +9,7 @@ def path(request, jt):
     saved = kernels._state["ok"]
     if request.param == "dnnl":
         kernels._state["ok"] = None
-        if not kernels._dnnl_available():
+        if not kernels.dnnl_available():
             pytest.skip("no oneDNN on this Jittor build")
     else:
         kernels._state["ok"] = False
