@@ -294,3 +294,192 @@ def causal_softmax(scores, T, scale):
     t_var = jt.array(np.array([T], dtype=np.int64)).stop_grad()
     scale_var = jt.array(np.array([scale], dtype=np.float32)).stop_grad()
     return _CausalSoftmax.apply(scores, t_var, scale_var)
+
+
+# ------------------------------------------------------------------------------------ SwiGLU
+# u = silu(gate)·up, the FFN's element-wise middle, and its gradient: one multi-threaded vectorised pass each way
+# (Jittor's fused element-wise ops run on one core). σ(a) is taken as 1/(1+e) or e/(1+e) with e = exp(−|a|), so the
+# exp never overflows.
+_SWIGLU_HEADER = VEC_EXP_HEADER + r"""
+static inline moa_f16 moa_sigmoid16(moa_f16 a) {
+    const moa_f16 zero = {};
+    const moa_f16 e = moa_exp16(a < zero ? a : zero - a);
+    const moa_f16 inv = 1.f / (1.f + e);
+    return a < zero ? e * inv : inv;
+}
+"""
+_SWIGLU_FWD = r"""
+    const int64_t n = in0_shape0 * in0_shape1, blocks = (n + 15) / 16;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t i = b * 16;
+        if (i + 16 <= n) {
+            const moa_f16 a = moa_load16(in0_p + i);
+            moa_store16(out0_p + i, a * moa_sigmoid16(a) * moa_load16(in1_p + i));
+        } else {
+            moa_f16 a = {}, u = {};
+            for (int64_t k = i; k < n; k++) { a[k - i] = in0_p[k]; u[k - i] = in1_p[k]; }
+            const moa_f16 o = a * moa_sigmoid16(a) * u;
+            for (int64_t k = i; k < n; k++) out0_p[k] = o[k - i];
+        }
+    }
+"""
+_SWIGLU_BWD = r"""
+    // in0 gate, in1 up, in2 g → out0 d gate = g·up·σ·(1 + a(1 − σ)), out1 d up = g·a·σ
+    const int64_t n = in0_shape0 * in0_shape1, blocks = (n + 15) / 16;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t i = b * 16;
+        moa_f16 a = {}, u = {}, g = {};
+        const bool full = i + 16 <= n;
+        if (full) { a = moa_load16(in0_p + i); u = moa_load16(in1_p + i); g = moa_load16(in2_p + i); }
+        else for (int64_t k = i; k < n; k++) { a[k - i] = in0_p[k]; u[k - i] = in1_p[k]; g[k - i] = in2_p[k]; }
+        const moa_f16 s = moa_sigmoid16(a);
+        const moa_f16 da = g * u * s * (1.f + a * (1.f - s));
+        const moa_f16 du = g * a * s;
+        if (full) { moa_store16(out0_p + i, da); moa_store16(out1_p + i, du); }
+        else for (int64_t k = i; k < n; k++) { out0_p[k] = da[k - i]; out1_p[k] = du[k - i]; }
+    }
+"""
+
+
+class _SwiGLU(jt.Function):
+    def execute(self, gate, up):
+        self._saved = (gate, up)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        return jt.code(gate.shape, "float32", [gate, up], cpu_header=_SWIGLU_HEADER, cpu_src=_SWIGLU_FWD)
+
+    def grad(self, g):
+        gate, up = self._saved
+        self._saved = None
+        return jt.code([gate.shape, up.shape], ["float32"] * 2, [gate, up, g.float32()], cpu_header=_SWIGLU_HEADER,
+                       cpu_src=_SWIGLU_BWD)
+
+
+def swiglu(gate, up):
+    """silu(gate)·up, differentiable: one multi-threaded kernel each way for fp32 on CPU (g++/clang), unless
+    MOA_FUSED_SWIGLU=0; Jittor's ops otherwise."""
+    use = (gate.dtype == "float32" and up.dtype == "float32" and gate.shape == up.shape and not jt.flags.use_cuda
+           and jt.flags.cc_type in ("g++", "clang") and os.environ.get("MOA_FUSED_SWIGLU", "1") != "0")
+    if not use:
+        return jt.nn.silu(gate) * up
+    shape = gate.shape
+    cols = shape[-1]
+    out = _SwiGLU.apply(gate.reshape(-1, cols), up.reshape(-1, cols))
+    return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------ RMSNorm
+# y = x·r·w with r = 1/sqrt(mean(x²) + eps) per row, and dx = r·(g·w − x·r²·mean(g·w·x)): one multi-threaded pass
+# each way instead of Jittor's single-threaded element-wise ops and reductions.
+_RMS_FWD = r"""
+    const int64_t rows = in0_shape0, D = in0_shape1;
+    const float eps = in2_p[0];
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float* x = in0_p + i * D;
+        float* y = out0_p + i * D;
+        float ss = 0.f;
+        #pragma omp simd reduction(+:ss)
+        for (int64_t j = 0; j < D; j++) ss += x[j] * x[j];
+        const float r = 1.f / sqrtf(ss / D + eps);
+        out1_p[i] = r;
+        #pragma omp simd
+        for (int64_t j = 0; j < D; j++) y[j] = x[j] * r * in1_p[j];
+    }
+"""
+_RMS_BWD = r"""
+    // in0 x, in1 w, in2 r [rows], in3 g → out0 dx
+    const int64_t rows = in0_shape0, D = in0_shape1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float* x = in0_p + i * D;
+        const float* g = in3_p + i * D;
+        float* dx = out0_p + i * D;
+        const float r = in2_p[i];
+        float dot = 0.f;
+        #pragma omp simd reduction(+:dot)
+        for (int64_t j = 0; j < D; j++) dot += g[j] * in1_p[j] * x[j];
+        const float k = r * r * dot / D;
+        #pragma omp simd
+        for (int64_t j = 0; j < D; j++) dx[j] = r * (g[j] * in1_p[j] - x[j] * k);
+    }
+"""
+
+
+class _RMSNorm(jt.Function):
+    def execute(self, x, weight, eps_var):
+        y, r = jt.code([x.shape, (x.shape[0],)], ["float32"] * 2, [x, weight, eps_var],
+                       cpu_header="#include <cmath>\n#include <cstdint>", cpu_src=_RMS_FWD)
+        # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        self._saved = (x, weight, r, weight.is_stop_grad())
+        return y
+
+    def grad(self, g):
+        x, weight, r, weight_frozen = self._saved
+        self._saved = None
+        g = g.float32()
+        dx = jt.code(x.shape, "float32", [x, weight, r, g], cpu_header="#include <cstdint>", cpu_src=_RMS_BWD)
+        dw = None if weight_frozen else (g * x * r.reshape(-1, 1)).sum(0)
+        return dx, dw, None
+
+
+def rms_norm(x, weight, eps):
+    """x·rsqrt(mean(x², −1) + eps)·weight, differentiable; one multi-threaded kernel each way for fp32 on CPU unless
+    MOA_FUSED_NORM=0. Returns None when the kernel does not apply (the caller then uses Jittor's ops)."""
+    if not (x.dtype == "float32" and weight.dtype == "float32" and not jt.flags.use_cuda
+            and os.environ.get("MOA_FUSED_NORM", "1") != "0"):
+        return None
+    shape = x.shape
+    eps_var = jt.array(np.array([eps], dtype=np.float32)).stop_grad()
+    return _RMSNorm.apply(x.reshape(-1, shape[-1]), weight, eps_var).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------ RoPE
+# Meta's interleaved rotary embedding of x [B, T, H, hd] by cos/sin [T, hd/2]; the gradient is the rotation by the
+# opposite angle, so the same kernel serves both ways (Jittor's stack/index ops for it were ~40 ms of a step).
+_ROPE_SRC = r"""
+    // in0 x [B, T, H, hd], in1 cos [T, hd/2], in2 sin [T, hd/2], in3 sign [1] (+1 forward, −1 backward)
+    const int64_t B = in0_shape0, T = in0_shape1, H = in0_shape2, hd = in0_shape3, half = hd / 2;
+    const float sg = in3_p[0];
+    #pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        const int64_t t = bt % T;
+        const float* c = in1_p + t * half;
+        const float* s = in2_p + t * half;
+        for (int64_t h = 0; h < H; h++) {
+            const float* x = in0_p + (bt * H + h) * hd;
+            float* y = out0_p + (bt * H + h) * hd;
+            #pragma omp simd
+            for (int64_t j = 0; j < half; j++) {
+                const float x0 = x[2 * j], x1 = x[2 * j + 1], sn = sg * s[j];
+                y[2 * j] = x0 * c[j] - x1 * sn;
+                y[2 * j + 1] = x0 * sn + x1 * c[j];
+            }
+        }
+    }
+"""
+
+
+def _rope(x, cos, sin, sign):
+    return jt.code(x.shape, "float32", [x, cos, sin, sign], cpu_header="#include <cstdint>", cpu_src=_ROPE_SRC)
+
+
+class _Rope(jt.Function):
+    def execute(self, x, cos, sin):
+        self._saved = (cos, sin)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        return _rope(x, cos, sin, jt.array(np.array([1.0], np.float32)).stop_grad())
+
+    def grad(self, g):
+        cos, sin = self._saved
+        self._saved = None
+        return _rope(g.float32(), cos, sin, jt.array(np.array([-1.0], np.float32)).stop_grad()), None, None
+
+
+def rope(x, cos, sin):
+    """Interleaved-pair rotation of fp32 x [B, T, H, hd] by cos/sin [T, hd/2] (Models.llama.apply_rotary_emb),
+    differentiable in x; one multi-threaded kernel each way on CPU unless MOA_FUSED_ROPE=0. Returns None when the
+    kernel does not apply."""
+    if not (x.dtype == "float32" and cos.dtype == "float32" and not jt.flags.use_cuda
+            and os.environ.get("MOA_FUSED_ROPE", "1") != "0"):
+        return None
+    return _Rope.apply(x, cos.stop_grad(), sin.stop_grad())

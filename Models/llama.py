@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 from Models.adapters import prompt_attention
-from Models.kernels import Linear, batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t
+from Models.kernels import (Linear, batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t,
+                            rms_norm, rope, swiglu)
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -23,6 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = jt.ones(dim)
 
     def execute(self, x):
+        fused = rms_norm(x, self.weight, self.eps)   # fp32 on CPU: one kernel each way (Models/kernels.py)
+        if fused is not None:
+            return fused
         xf = x.float32()  # statistics in fp32 (SPEC §1.2), cast back before the weight
         normed = xf * jt.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)
         return normed.cast(x.dtype) * self.weight
@@ -61,6 +65,9 @@ def apply_rotary_emb(x, cos, sin):
 
     x: [B, T, H, hd]; cos/sin: [T, hd/2].
     """
+    fused = rope(x, cos, sin)   # fp32 on CPU: one kernel each way (Models/kernels.py)
+    if fused is not None:
+        return fused
     B, T, H, hd = x.shape
     xf = x.float32().reshape(B, T, H, hd // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]                         # [B, T, H, hd/2]
@@ -191,7 +198,7 @@ class FeedForward(nn.Module):
     def execute(self, x, route=NO_ROUTE):
         gate = _add(self.w1(x), self._lora("lora_GATE", x, route))
         up = _add(self.w3(x), self._lora("lora_UP", x, route))
-        u = nn.silu(gate) * up
+        u = swiglu(gate, up)
         return _add(self.w2(u), self._lora("lora_DOWN", u, route))
 
 

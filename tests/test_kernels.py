@@ -1,4 +1,4 @@
-"""Models.kernels.batched_matmul: values and gradients against numpy, on the oneDNN path and the jt.matmul path."""
+"""Models.kernels: each CPU kernel against numpy (values and gradients), and the whole model with each kernel on and off."""
 import numpy as np
 import pytest
 
@@ -115,18 +115,91 @@ def test_causal_softmax_matches_numpy(jt, N, rep, T, start):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-6)
 
 
-def test_attention_same_with_and_without_fused_softmax(jt, monkeypatch):
-    """The whole model (loss and adapter gradients) is the same through the kernel and through Jittor's softmax
-    with the additive causal mask."""
+@pytest.mark.parametrize("switch", ["MOA_FUSED_SOFTMAX", "MOA_FUSED_SWIGLU", "MOA_FUSED_NORM", "MOA_FUSED_ROPE",
+                                    "MOA_FUSED_HEAD", "all"])
+def test_whole_model_same_with_and_without_each_kernel(jt, monkeypatch, switch):
+    """The whole model (training loss, a loss on the logits, and the adapter gradients) is the same through each CPU
+    kernel and through the Jittor ops it replaces (causal softmax with the additive mask, silu·up, RMSNorm, RoPE, the
+    head's cross-entropy)."""
     from tiny_variants import build
     model = build("soft_moa", seed=0)
     tokens = jt.array(np.random.default_rng(1).integers(0, model.args.vocab_size, (2, 9)).astype(np.int32))
     params = [p for _, p in model.trainable_parameters()]
+    names = ["MOA_FUSED_SOFTMAX", "MOA_FUSED_SWIGLU", "MOA_FUSED_NORM", "MOA_FUSED_ROPE", "MOA_FUSED_HEAD"]
     out = {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("MOA_FUSED_SOFTMAX", flag)
+        for name in names if switch == "all" else [switch]:
+            monkeypatch.setenv(name, flag)
         logits = model.llama(tokens)
-        loss = (logits * logits).mean()
+        loss = model(tokens, tokens)[0] + (logits * logits).mean()
         out[flag] = [loss.numpy()] + [g.numpy() for g in jt.grad(loss, params)]
     for a, b in zip(out["1"], out["0"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_swiglu_matches_numpy(jt):
+    """silu(gate)·up and both gradients, over a size that is not a multiple of the vector width and gates far out
+    in both tails of the sigmoid."""
+    from Models.kernels import swiglu
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((3, 5, 7)) * 8).astype(np.float32)
+    a[0, 0, :4] = [-120.0, -30.0, 30.0, 120.0]
+    u = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    g = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    av, uv = jt.array(a), jt.array(u)
+    out = swiglu(av, uv)
+    da, du = jt.grad((out * jt.array(g)).sum(), [av, uv])
+    a64 = a.astype(np.float64)
+    sig = 1.0 / (1.0 + np.exp(-a64))
+    np.testing.assert_allclose(out.numpy(), a64 * sig * u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(da.numpy(), g * u * sig * (1 + a64 * (1 - sig)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(du.numpy(), g * a64 * sig, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_trainable", [False, True])
+def test_rms_norm_matches_numpy(jt, weight_trainable):
+    """RMSNorm through the kernel: value, dx, and dweight when the weight is trainable (pretraining)."""
+    from Models.llama import RMSNorm
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((2, 3, 37)) * 2).astype(np.float32)
+    w = rng.standard_normal(37).astype(np.float32)
+    g = rng.standard_normal((2, 3, 37)).astype(np.float32)
+    norm = RMSNorm(37, eps=1e-5)
+    norm.weight.assign(jt.array(w))
+    if not weight_trainable:
+        norm.weight.stop_grad()
+    xv = jt.array(x)
+    y = norm(xv)
+    x64 = x.astype(np.float64)
+    r = 1.0 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y.numpy(), x64 * r * w, rtol=1e-5, atol=1e-6)
+    loss = (y * jt.array(g)).sum()
+    gw = g * w
+    want_dx = r * (gw - x64 * r * r * (gw * x64).mean(-1, keepdims=True))
+    if weight_trainable:
+        dx, dw = jt.grad(loss, [xv, norm.weight])
+        np.testing.assert_allclose(dw.numpy(), (g * x64 * r).sum((0, 1)), rtol=1e-4, atol=1e-5)
+    else:
+        dx = jt.grad(loss, xv)
+    np.testing.assert_allclose(dx.numpy(), want_dx, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_matches_numpy(jt):
+    """Interleaved-pair RoPE and its gradient (the rotation by the opposite angle) against numpy."""
+    from Models.llama import apply_rotary_emb, precompute_freqs_cis
+    rng = np.random.default_rng(9)
+    B, T, H, hd = 2, 5, 3, 8
+    x = rng.standard_normal((B, T, H, hd)).astype(np.float32)
+    g = rng.standard_normal((B, T, H, hd)).astype(np.float32)
+    cos, sin = precompute_freqs_cis(hd, 16)
+    cos, sin = cos[3:3 + T], sin[3:3 + T]                     # a cache offset
+    xv = jt.array(x)
+    y = apply_rotary_emb(xv, jt.array(cos), jt.array(sin))
+    dx = jt.grad((y * jt.array(g)).sum(), xv)
+
+    def rot(v, s):
+        v = v.astype(np.float64).reshape(B, T, H, hd // 2, 2)
+        c, sn = cos[None, :, None, :], s * sin[None, :, None, :]
+        return np.stack([v[..., 0] * c - v[..., 1] * sn, v[..., 0] * sn + v[..., 1] * c], -1).reshape(B, T, H, hd)
+    np.testing.assert_allclose(y.numpy(), rot(x, 1.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx.numpy(), rot(g, -1.0), rtol=1e-5, atol=1e-6)
