@@ -61,3 +61,15 @@ def test_large_logits_are_stable(jt, head_path):
     want, want_dh, _ = _oracle(h.numpy(), w.numpy(), np.array([0, 1]))
     np.testing.assert_allclose(loss.item(), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jt.grad(loss, h).numpy(), want_dh, atol=1e-6)
+
+
+def test_loss_without_gradient(jt, head_path):
+    """Under no_grad (validation) the frozen head's loss is the same, with no gradient work."""
+    from Models.losses import head_cross_entropy
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((9, 8)).astype(np.float32)
+    w = rng.standard_normal((300, 8)).astype(np.float32)
+    t = rng.integers(0, 300, 9)
+    with jt.no_grad():
+        loss = head_cross_entropy(jt.array(h), jt.array(w).stop_grad(), jt.array(t.astype(np.int32)))
+    np.testing.assert_allclose(loss.item(), _oracle(h, w, t)[0], rtol=1e-5)
