@@ -1,4 +1,6 @@
-"""CPU kernels where Jittor's own path is slow: batched GEMM for attention, and the decode-time vocabulary head.
+"""CPU kernels where Jittor's own path is slow: batched GEMM for attention, the decode-time vocabulary head, the
+causal attention softmax, SwiGLU, RMSNorm and RoPE (each forward and backward), and a vectorised exp they share.
+The head's cross-entropy kernels are in Models/losses.py.
 
 **batched_matmul.** 
 Jittor's `jt.matmul` on 3-D/4-D inputs is a fused broadcast-multiply-sum loop on CPU (JITTOR_NOTES A8); only the
