@@ -243,6 +243,23 @@ def add_train_workload(p, steps=5, warmup=2, scope=""):
     return g
 
 
+def add_rounds_flag(p):
+    p.add_argument("--rounds", type=bounded(int, "rounds"), default=1,
+                   help="with --peer: measure ours then the peer this many times in turn and print a "
+                        "ratio_summary record (median of the per-round ratios); a shared VM's speed drifts over "
+                        "minutes, so one pair can mislead (default 1)")
+    return p
+
+
+def ratio_summary(what, ratios):
+    """{"bench": "ratio_summary", what, rounds, ratios, median, min, max} over the per-round ratios."""
+    rs = sorted(ratios)
+    n = len(rs)
+    med = rs[n // 2] if n % 2 else 0.5 * (rs[n // 2 - 1] + rs[n // 2])
+    return {"bench": "ratio_summary", "what": what, "rounds": n, "ratios": ratios, "median": med, "min": rs[0],
+            "max": rs[-1]}
+
+
 def add_machine_flags(p):
     g = p.add_argument_group("machine probes (run after the measurement, so they do not raise its peak RSS)")
     g.add_argument("--peak_size", type=bounded(int, "peak_size", 16), default=2048,

@@ -25,9 +25,11 @@ prefill_fraction_of_peak, weight_bytes_per_decode_step (every parameter but the 
 kv_bytes_per_decode_step_mean, bound_decode_tokens_per_s (= batch · copy_bandwidth / weight bytes),
 fraction_of_bound (= decode_tokens_per_s / bound), bound_with_kv_decode_tokens_per_s, the machine probes,
 rss_before_model_mb, peak_rss_mb. With --peer: the peer's line (peer_torch.py --mode generate, base model, same
-batch/prompt_len/new_tokens) and ratio lines "prefill_tokens_per_s" and "decode_tokens_per_s" (ours / peer).
+batch/prompt_len/new_tokens) and ratio lines "prefill_tokens_per_s" and "decode_tokens_per_s" (ours / peer). With
+--rounds N > 1 that sequence (ours carries "round") repeats N times, then one "ratio_summary" record of the decode
+ratios (median, min, max).
 
-Standard shape:  python bench/generate.py --peer
+Standard shape:  python bench/generate.py --peer [--rounds 3]
 Tiny:            python bench/generate.py --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --vocab_size 1000
                      --multiple_of 32 --batch 2 --prompt_len 16 --new_tokens 8 --peer
 """
@@ -60,6 +62,7 @@ def build_parser():
     p.add_argument("--peer", action="store_true",
                    help="also run bench/peer_torch.py --mode generate (base model, same batch/prompt_len/new_tokens)"
                         " and print ratio lines")
+    C.add_rounds_flag(p)
     C.add_compile_flag(p)
     C.add_machine_flags(p)
     return p
@@ -154,6 +157,16 @@ def main(argv=None):
         raise UserError("--max_seq_len %d is shorter than prompt_len + new_tokens + 1 = %d"
                           % (margs.max_seq_len, ns.prompt_len + ns.new_tokens + 1))
     C.setup_output()
+    ratios = []
+    for k in range(ns.rounds if ns.peer else 1):
+        ratios.append(_round(ns, margs, k + 1))
+    if len(ratios) > 1:
+        C.emit(C.ratio_summary("decode_tokens_per_s", ratios))
+    return 0
+
+
+def _round(ns, margs, k):
+    """One measurement (+ the peer and ratio lines with --peer); returns the decode ratio or None."""
     rec = measure(ns, margs)
     rec.update(C.machine_probes(ns))
     bw = rec["copy_bandwidth_gbs"]
@@ -162,15 +175,20 @@ def main(argv=None):
     rec["fraction_of_bound"] = C.ratio(rec["decode_tokens_per_s"], rec["bound_decode_tokens_per_s"])
     rec["bound_with_kv_decode_tokens_per_s"] = None if bw is None else ns.batch * bw * 1e9 / (
         rec["weight_bytes_per_decode_step"] + rec["kv_bytes_per_decode_step_mean"])
+    rec["round"] = k
     C.emit(rec)
-    if ns.peer:
-        peer = C.run_peer(["--mode", "generate"] + C.peer_shape_args(margs) + [
-            "--batch", ns.batch, "--prompt_len", ns.prompt_len, "--new_tokens", ns.new_tokens, "--seed", ns.seed])
-        for r in peer:
-            C.emit(r)
-        for what in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            C.emit(C.ratio_record(what, rec[what], peer[-1][what]))
-    return 0
+    if not ns.peer:
+        return None
+    peer = C.run_peer(["--mode", "generate"] + C.peer_shape_args(margs) + [
+        "--batch", ns.batch, "--prompt_len", ns.prompt_len, "--new_tokens", ns.new_tokens, "--seed", ns.seed])
+    for r in peer:
+        C.emit(r)
+    out = None
+    for what in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        r = C.ratio_record(what, rec[what], peer[-1][what])
+        C.emit(r)
+        out = r["ratio"]
+    return out
 
 
 if __name__ == "__main__":

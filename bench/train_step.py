@@ -17,9 +17,11 @@ matmul_peak_gflops, matmul_median_gflops, fraction_of_peak (= achieved / peak), 
 rss_before_model_mb (VmRSS once Jittor and the model code are imported, before the model is built),
 peak_rss_mb (ru_maxrss right after the steps, before the machine probes). With --peer: the peer's own line
 (bench "train_step", impl "torch_peer", plain LoRA with our rank/alpha/targets/layers) and
-{"bench": "ratio", "what": "train_tokens_per_s", "ours", "peer", "ratio" = ours/peer}.
+{"bench": "ratio", "what": "train_tokens_per_s", "ours", "peer", "ratio" = ours/peer}; with --rounds N > 1 the
+whole sequence (ours, peer, ratio; ours carries "round") repeats N times, then one "ratio_summary" record (median,
+min, max of the N ratios). peak_rss_mb of rounds after the first is the process's peak so far.
 
-Standard shape:  python bench/train_step.py --preset lora --peer
+Standard shape:  python bench/train_step.py --preset lora --peer [--rounds 3]
 Tiny:            python bench/train_step.py --preset moa --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2
                      --vocab_size 1000 --multiple_of 32 --batch 2 --seq_len 32 --steps 2 --peer
 """
@@ -43,6 +45,7 @@ def build_parser():
     p.add_argument("--peer", action="store_true",
                    help="also run bench/peer_torch.py --mode train (plain LoRA, same rank/alpha/targets/layers, "
                         "same batch/seq_len/steps/warmup) and print a ratio line")
+    C.add_rounds_flag(p)
     C.add_compile_flag(p)
     C.add_machine_flags(p)
     return p
@@ -78,15 +81,22 @@ def main(argv=None):
     peer_args = C.peer_train_args(margs, "train", ns.batch, ns.seq_len, ns.steps, ns.warmup, ns.seed) \
         if ns.peer else None  # validated before the long run
     C.setup_output()
-    rec = measure(ns, margs)
-    rec.update(C.machine_probes(ns))
-    rec["fraction_of_peak"] = C.ratio(rec["achieved_gflops"], rec["matmul_peak_gflops"])
-    C.emit(rec)
-    if peer_args is not None:
-        peer = C.run_peer(peer_args)
-        for r in peer:
-            C.emit(r)
-        C.emit(C.ratio_record("train_tokens_per_s", rec["tokens_per_s"], peer[-1]["tokens_per_s"]))
+    ratios = []
+    for k in range(ns.rounds if peer_args is not None else 1):
+        rec = measure(ns, margs)
+        rec.update(C.machine_probes(ns))
+        rec["fraction_of_peak"] = C.ratio(rec["achieved_gflops"], rec["matmul_peak_gflops"])
+        rec["round"] = k + 1
+        C.emit(rec)
+        if peer_args is not None:
+            peer = C.run_peer(peer_args)
+            for r in peer:
+                C.emit(r)
+            ratio = C.ratio_record("train_tokens_per_s", rec["tokens_per_s"], peer[-1]["tokens_per_s"])
+            ratios.append(ratio["ratio"])
+            C.emit(ratio)
+    if len(ratios) > 1:
+        C.emit(C.ratio_summary("train_tokens_per_s", ratios))
     return 0
 
 
