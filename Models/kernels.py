@@ -139,7 +139,8 @@ _ROWS_SRC = r"""
 """
 # Vectorised exp for CPU kernels (GCC vector extensions; -march=native picks AVX-512/AVX2/SSE lanes). Cephes'
 # single-precision expf scheme: exp(x) = 2ⁿ·exp(r), n = round(x·log2 e), |r| ≤ ln2/2, a degree-6 polynomial for exp(r);
-# within 2 ulp of expf. Inputs below −87.3 give exactly 0 (no denormals); callers pass x ≤ 0.
+# relative error ≤ 3e-7 (≈ 2.5 ulp; tests/test_kernels.py measures it). Inputs below −87.3 give exactly 0 (no
+# denormals); callers pass x ≤ 0.
 VEC_EXP_HEADER = r"""
 #include <cstdint>
 #include <cmath>
@@ -232,6 +233,9 @@ class Linear(jt.nn.Linear):
         return super().execute(x)
 
 
+# The element-wise kernels below go multi-threaded only above 32768 elements: a decode step calls them on a few rows,
+# where waking the OpenMP team costs more than the work.
+
 # ------------------------------------------------------------------------------------ causal softmax
 # Attention's softmax over [B·H_kv, n_rep·T, S] scores with the causal mask of `Models.llama.causal_mask(T, S − T)`
 # (query row r is position t = r mod T and sees keys s ≤ S − T + t). Jittor's fused element-wise softmax and its
@@ -241,7 +245,7 @@ _SOFTMAX_FWD = r"""
     const int64_t rows = in0_shape0 * in0_shape1, R = in0_shape1, S = in0_shape2;
     const int64_t T = in1_p[0];
     const float scale = in2_p[0];
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(rows * S > 32768)
     for (int64_t i = 0; i < rows; i++) {
         const int64_t lim = S - T + (i % R) % T + 1;   // keys 0 .. lim-1 are visible
         const float* x = in0_p + i * S;
@@ -258,7 +262,7 @@ _SOFTMAX_FWD = r"""
 _SOFTMAX_BWD = r"""
     const int64_t rows = in0_shape0 * in0_shape1, S = in0_shape2;
     const float scale = in2_p[0];
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(rows * S > 32768)
     for (int64_t i = 0; i < rows; i++) {
         const float* p = in0_p + i * S;
         const float* g = in1_p + i * S;
@@ -312,7 +316,7 @@ static inline moa_f16 moa_sigmoid16(moa_f16 a) {
 """
 _SWIGLU_FWD = r"""
     const int64_t n = in0_shape0 * in0_shape1, blocks = (n + 15) / 16;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(n > 32768)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t i = b * 16;
         if (i + 16 <= n) {
@@ -329,7 +333,7 @@ _SWIGLU_FWD = r"""
 _SWIGLU_BWD = r"""
     // in0 gate, in1 up, in2 g → out0 d gate = g·up·σ·(1 + a(1 − σ)), out1 d up = g·a·σ
     const int64_t n = in0_shape0 * in0_shape1, blocks = (n + 15) / 16;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(n > 32768)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t i = b * 16;
         moa_f16 a = {}, u = {}, g = {};
@@ -376,7 +380,7 @@ def swiglu(gate, up):
 _RMS_FWD = r"""
     const int64_t rows = in0_shape0, D = in0_shape1;
     const float eps = in2_p[0];
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(rows * D > 32768)
     for (int64_t i = 0; i < rows; i++) {
         const float* x = in0_p + i * D;
         float* y = out0_p + i * D;
@@ -392,7 +396,7 @@ _RMS_FWD = r"""
 _RMS_BWD = r"""
     // in0 x, in1 w, in2 r [rows], in3 g → out0 dx
     const int64_t rows = in0_shape0, D = in0_shape1;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(rows * D > 32768)
     for (int64_t i = 0; i < rows; i++) {
         const float* x = in0_p + i * D;
         const float* g = in3_p + i * D;
@@ -443,7 +447,7 @@ _ROPE_SRC = r"""
     // in0 x [B, T, H, hd], in1 cos [T, hd/2], in2 sin [T, hd/2], in3 sign [1] (+1 forward, −1 backward)
     const int64_t B = in0_shape0, T = in0_shape1, H = in0_shape2, hd = in0_shape3, half = hd / 2;
     const float sg = in3_p[0];
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if(B * T * H * hd > 32768)
     for (int64_t bt = 0; bt < B * T; bt++) {
         const int64_t t = bt % T;
         const float* c = in1_p + t * half;
