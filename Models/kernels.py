@@ -233,6 +233,18 @@ class Linear(jt.nn.Linear):
         return super().execute(x)
 
 
+_CONSTS = {}
+
+
+def _const(value, dtype):
+    """A cached 1-element stop-grad Var holding `value`: the kernels' runtime scalars (eps, scale, T, sign), so a
+    decode step does not build dozens of tiny host arrays."""
+    key = (value, dtype)
+    if key not in _CONSTS:
+        _CONSTS[key] = jt.array(np.array([value], dtype=dtype)).stop_grad()
+    return _CONSTS[key]
+
+
 # The element-wise kernels below go multi-threaded only above 32768 elements: a decode step calls them on a few rows,
 # where waking the OpenMP team costs more than the work.
 
@@ -297,8 +309,8 @@ def causal_softmax_available(scores):
 def causal_softmax(scores, T, scale):
     """softmax(scale·scores + causal mask) over the last axis of fp32 [N, R, S] scores, R = n_rep·T, as
     Attention computes it with `causal_mask(T, S − T)`; differentiable. CPU only (see causal_softmax_available)."""
-    t_var = jt.array(np.array([T], dtype=np.int64)).stop_grad()
-    scale_var = jt.array(np.array([scale], dtype=np.float32)).stop_grad()
+    t_var = _const(int(T), np.int64)
+    scale_var = _const(float(scale), np.float32)
     return _CausalSoftmax.apply(scores, t_var, scale_var)
 
 
@@ -436,7 +448,7 @@ def rms_norm(x, weight, eps):
             and os.environ.get("MOA_FUSED_NORM", "1") != "0"):
         return None
     shape = x.shape
-    eps_var = jt.array(np.array([eps], dtype=np.float32)).stop_grad()
+    eps_var = _const(float(eps), np.float32)
     return _RMSNorm.apply(x.reshape(-1, shape[-1]), weight, eps_var).reshape(shape)
 
 
@@ -473,12 +485,12 @@ def _rope(x, cos, sin, sign):
 class _Rope(jt.Function):
     def execute(self, x, cos, sin):
         self._saved = (cos, sin)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
-        return _rope(x, cos, sin, jt.array(np.array([1.0], np.float32)).stop_grad())
+        return _rope(x, cos, sin, _const(1.0, np.float32))
 
     def grad(self, g):
         cos, sin = self._saved
         self._saved = None
-        return _rope(g.float32(), cos, sin, jt.array(np.array([-1.0], np.float32)).stop_grad()), None, None
+        return _rope(g.float32(), cos, sin, _const(-1.0, np.float32)), None, None
 
 
 def rope(x, cos, sin):
