@@ -19,8 +19,11 @@ keeps 8 rows' partial sums in vector registers while each weight row streams thr
 block of weight rows is reused from cache by every 8-row group, took ~7 ms (16 rows: 10 vs 31 ms; 50 rows: 26 vs
 41 ms). Each step prefetches the weight row four rows ahead: on an Intel Xeon VM that took 8 rows from 24 ms to
 12 ms, the time of merely reading the matrix. Inference only (no gradient); used by
-`Transformer.execute(last_only=True)` under no_grad, and by `Linear` (the base's projections) for gradient-free
-calls on at most FEW_ROWS_MAX rows, i.e. the decode steps.
+`Transformer.execute(last_only=True)` under no_grad. The same blocks serve two more decode-time calls on at most
+FEW_ROWS_MAX rows: `few_rows_projections` (q, k and v in one call) and `few_rows_swiglu` (gate and up projections
+and silu(gate)·up in one call). The other projections (wo, w2) stay with oneDNN, which was faster on those small
+matrices (0.036 vs 0.061 ms for 512×512, 0.15 vs 0.30 ms for 512×1792 with 8 rows); in turn-by-turn decode runs,
+this split took the median step from 28.8 to 26.6 ms.
 """
 import os
 
@@ -123,20 +126,67 @@ static inline void moa_dot_rows(const float* __restrict__ x, const float* __rest
     }
 }
 """
+_ROWS_HEADER += r"""
+// x [M, K] (M <= FEW_ROWS_MAX) times rows n0..n1 of w [N, K]: out[m * ldo + (n - n0)]
+static inline void moa_rows_block(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1,
+                                  float* out, int64_t ldo) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8)
+        for (int64_t n = n0; n < n1; n++) moa_dot_rows<8>(x + m * K, w + n * K, K, out + m * ldo + (n - n0), ldo);
+    for (; m + 4 <= M; m += 4)
+        for (int64_t n = n0; n < n1; n++) moa_dot_rows<4>(x + m * K, w + n * K, K, out + m * ldo + (n - n0), ldo);
+    for (; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) moa_dot_rows<1>(x + m * K, w + n * K, K, out + m * ldo + (n - n0), ldo);
+}
+"""
 _ROWS_SRC = r"""
     const int64_t M = in0_shape0, K = in0_shape1, N = in1_shape0, NB = 32;
     #pragma omp parallel for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += NB)
+        moa_rows_block(in0_p, M, K, in1_p, n0, n0 + NB < N ? n0 + NB : N, out0_p + n0, N);
+"""
+
+
+def _multi_rows_src(nw):
+    """Several weights against the same rows in one parallel loop over all their 32-row blocks."""
+    return r"""
+    const int64_t M = in0_shape0, K = in0_shape1, NB = 32;
+    const float* Ws[%(n)d] = {%(ws)s};
+    float* Os[%(n)d] = {%(os)s};
+    const int64_t Ns[%(n)d] = {%(ns)s};
+    int64_t starts[%(n)d + 1];
+    starts[0] = 0;
+    for (int i = 0; i < %(n)d; i++) starts[i + 1] = starts[i] + (Ns[i] + NB - 1) / NB;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < starts[%(n)d]; b++) {
+        int i = 0;
+        while (b >= starts[i + 1]) i++;
+        const int64_t n0 = (b - starts[i]) * NB, n1 = n0 + NB < Ns[i] ? n0 + NB : Ns[i];
+        moa_rows_block(in0_p, M, K, Ws[i], n0, n1, Os[i] + n0, Ns[i]);
+    }
+    """ % {"n": nw, "ws": ", ".join("in%d_p" % (i + 1) for i in range(nw)),
+           "os": ", ".join("out%d_p" % i for i in range(nw)),
+           "ns": ", ".join("in%d_shape0" % (i + 1) for i in range(nw))}
+
+
+_ROWS_SWIGLU_SRC = r"""
+    // silu(x·w1ᵀ)·(x·w3ᵀ) for w1, w3 [N, K]: both projections of a 32-row block, then the product, in one pass
+    const int64_t M = in0_shape0, K = in0_shape1, N = in1_shape0, NB = 32;
+    #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
-        const int64_t n1 = n0 + NB < N ? n0 + NB : N;
-        int64_t m = 0;
-        for (; m + 8 <= M; m += 8)
-            for (int64_t n = n0; n < n1; n++) moa_dot_rows<8>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
-        for (; m + 4 <= M; m += 4)
-            for (int64_t n = n0; n < n1; n++) moa_dot_rows<4>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
-        for (; m < M; m++)
-            for (int64_t n = n0; n < n1; n++) moa_dot_rows<1>(in0_p + m * K, in1_p + n * K, K, out0_p + m * N + n, N);
+        const int64_t n1 = n0 + NB < N ? n0 + NB : N, w = n1 - n0;
+        float g[64 * 32], u[64 * 32];
+        moa_rows_block(in0_p, M, K, in1_p, n0, n1, g, NB);
+        moa_rows_block(in0_p, M, K, in2_p, n0, n1, u, NB);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < w; j++) {
+                const float a = g[m * NB + j], e = expf(-fabsf(a)), inv = 1.f / (1.f + e);
+                out0_p[m * N + n0 + j] = a * (a < 0.f ? e * inv : inv) * u[m * NB + j];
+            }
     }
 """
+
+
 # Vectorised exp for CPU kernels (GCC vector extensions; -march=native picks AVX-512/AVX2/SSE lanes). Cephes'
 # single-precision expf scheme: exp(x) = 2ⁿ·exp(r), n = round(x·log2 e), |r| ≤ ln2/2, a degree-6 polynomial for exp(r);
 # relative error ≤ 3e-7 (≈ 2.5 ulp; tests/test_kernels.py measures it). Inputs below −87.3 give exactly 0 (no
@@ -217,20 +267,45 @@ def few_rows_matmul_t(x, weight):
                    cpu_src=_ROWS_SRC)
 
 
-class Linear(jt.nn.Linear):
-    """nn.Linear whose gradient-free calls on a few rows (decoding: one row per sequence) go through
-    few_rows_matmul_t — the frozen base's projections are weight streaming there too. Same parameters and names
-    as nn.Linear; every other call is nn.Linear's."""
+def _few_rows_use(x, weights):
+    return (jt.flags.no_grad and x.dtype == "float32" and all(w.dtype == "float32" for w in weights)
+            and x.ndim >= 2 and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
+            and os.environ.get("MOA_FEW_ROWS_KERNEL", "1") != "0")
 
-    def execute(self, x):
-        if jt.flags.no_grad and self.bias is None and x.ndim >= 2:
-            rows = 1
-            for s in x.shape[:-1]:
-                rows *= s
-            if rows <= FEW_ROWS_MAX:
-                out = few_rows_matmul_t(x.reshape(rows, x.shape[-1]), self.weight)
-                return out.reshape(tuple(x.shape[:-1]) + (self.weight.shape[0],))
-        return super().execute(x)
+
+def _rows_of(x):
+    rows = 1
+    for s in x.shape[:-1]:
+        rows *= s
+    return rows
+
+
+def few_rows_projections(x, linears):
+    """[lin(x) for lin in linears] for bias-free Linears sharing the input (q/k/v) in one kernel call, when
+    decoding (gradient-free, ≤ FEW_ROWS_MAX rows, fp32 on CPU); None otherwise (the caller calls each Linear)."""
+    weights = [lin.weight for lin in linears]
+    if any(lin.bias is not None for lin in linears) or not _few_rows_use(x, weights):
+        return None
+    rows = _rows_of(x)
+    if rows > FEW_ROWS_MAX:
+        return None
+    outs = jt.code([(rows, w.shape[0]) for w in weights], ["float32"] * len(weights),
+                   [x.reshape(rows, x.shape[-1])] + weights, cpu_header=_ROWS_HEADER,
+                   cpu_src=_multi_rows_src(len(weights)))
+    return [o.reshape(tuple(x.shape[:-1]) + (w.shape[0],)) for o, w in zip(outs, weights)]
+
+
+def few_rows_swiglu(x, w1, w3):
+    """silu(w1(x))·w3(x) for bias-free Linears in one kernel call when decoding (as few_rows_projections);
+    None otherwise."""
+    if w1.bias is not None or w3.bias is not None or not _few_rows_use(x, [w1.weight, w3.weight]):
+        return None
+    rows = _rows_of(x)
+    if rows > FEW_ROWS_MAX or w1.weight.shape != w3.weight.shape:
+        return None
+    out = jt.code((rows, w1.weight.shape[0]), "float32", [x.reshape(rows, x.shape[-1]), w1.weight, w3.weight],
+                  cpu_header="#include <cmath>\n" + _ROWS_HEADER, cpu_src=_ROWS_SWIGLU_SRC)
+    return out.reshape(tuple(x.shape[:-1]) + (w1.weight.shape[0],))
 
 
 _CONSTS = {}

@@ -9,8 +9,8 @@ import math
 import numpy as np
 
 from Models.adapters import prompt_attention
-from Models.kernels import (Linear, batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t,
-                            rms_norm, rope, swiglu)
+from Models.kernels import (batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t,
+                            few_rows_projections, few_rows_swiglu, rms_norm, rope, swiglu)
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -119,10 +119,10 @@ class Attention(nn.Module):
         self.n_rep = args.n_heads // args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
         self.max_seq_len = args.max_seq_len
-        self.wq = Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         # Adapters (set by Models.moa.attach_adapters), named as in the reference.
         self.lora_Q = self.lora_K = self.lora_V = self.lora_O = None
         self.prompt = self.prompt_gate = self.prompt_router = None
@@ -138,9 +138,11 @@ class Attention(nn.Module):
 
     def execute(self, x, start_pos, cos, sin, mask, route=NO_ROUTE, use_cache=False):
         B, T, _ = x.shape
-        xq = _add(self.wq(x), self._lora("lora_Q", x, route))
-        xk = _add(self.wk(x), self._lora("lora_K", x, route))
-        xv = _add(self.wv(x), self._lora("lora_V", x, route))
+        # Decoding: the three projections in one weight-streaming kernel call (Models/kernels.py).
+        base = few_rows_projections(x, [self.wq, self.wk, self.wv]) or [self.wq(x), self.wk(x), self.wv(x)]
+        xq = _add(base[0], self._lora("lora_Q", x, route))
+        xk = _add(base[1], self._lora("lora_K", x, route))
+        xv = _add(base[2], self._lora("lora_V", x, route))
         xq = apply_rotary_emb(xq.reshape(B, T, self.n_heads, self.head_dim), cos, sin)
         xk = apply_rotary_emb(xk.reshape(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         xv = xv.reshape(B, T, self.n_kv_heads, self.head_dim)
@@ -186,9 +188,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args):
         hidden = args.ffn_hidden_dim
-        self.w1 = Linear(args.dim, hidden, bias=False)  # gate
-        self.w2 = Linear(hidden, args.dim, bias=False)  # down
-        self.w3 = Linear(args.dim, hidden, bias=False)  # up
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
         self.lora_GATE = self.lora_UP = self.lora_DOWN = None  # on w1, w3, w2
 
     def _lora(self, name, x, route):
@@ -196,9 +198,13 @@ class FeedForward(nn.Module):
         return None if mod is None else route.apply(name, mod, x)
 
     def execute(self, x, route=NO_ROUTE):
-        gate = _add(self.w1(x), self._lora("lora_GATE", x, route))
-        up = _add(self.w3(x), self._lora("lora_UP", x, route))
-        u = swiglu(gate, up)
+        u = None
+        if self.lora_GATE is None and self.lora_UP is None:
+            u = few_rows_swiglu(x, self.w1, self.w3)   # decoding: gate, up and silu·up in one kernel call
+        if u is None:
+            gate = _add(self.w1(x), self._lora("lora_GATE", x, route))
+            up = _add(self.w3(x), self._lora("lora_UP", x, route))
+            u = swiglu(gate, up)
         return _add(self.w2(u), self._lora("lora_DOWN", u, route))
 
 

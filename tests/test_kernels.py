@@ -72,24 +72,6 @@ def test_last_only_logits_equal_full_forward(jt):
     np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-5)
 
 
-def test_linear_few_rows_path_matches_nn_linear(jt):
-    """Models.kernels.Linear (the base projections): gradient-free calls on ≤ FEW_ROWS_MAX rows take the few-rows
-    kernel and give nn.Linear's output; larger or gradient-carrying calls are nn.Linear's own."""
-    from Models.kernels import FEW_ROWS_MAX, Linear
-    lin = Linear(40, 72, bias=False)
-    w = lin.weight.numpy().astype(np.float64)
-    rng = np.random.default_rng(3)
-    for shape in [(8, 1, 40), (3, 5, 40), (FEW_ROWS_MAX + 1, 40)]:
-        x = rng.standard_normal(shape).astype(np.float32)
-        with jt.no_grad():
-            got = lin(jt.array(x)).numpy()
-        assert got.shape == shape[:-1] + (72,)
-        np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-5)
-    x = jt.array(rng.standard_normal((2, 40)).astype(np.float32))
-    gx = jt.grad(lin(x).sum(), x)                      # training: still differentiable
-    np.testing.assert_allclose(gx.numpy(), np.tile(w.sum(0), (2, 1)), rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("N,rep,T,start", [(3, 2, 5, 0), (2, 4, 1, 7), (1, 1, 9, 3), (2, 3, 16, 0)])
 def test_causal_softmax_matches_numpy(jt, N, rep, T, start):
     """Values and gradient of the attention softmax kernel: causal mask with a cache offset, scale, zero rows
@@ -226,3 +208,24 @@ def test_vectorised_exp_accuracy(jt):
     rel = np.abs(got[ok] - want[ok]) / want[ok]
     assert rel.max() <= 3e-7, rel.max()
     assert (got[~ok] == 0).all()
+
+
+@pytest.mark.parametrize("M", [1, 5, 8, 13])
+def test_decode_projection_kernels_match_numpy(jt, M):
+    """Decoding's fused calls: q/k/v against one input (unequal widths, not multiples of the 32-row block) and
+    silu(w1 x)·(w3 x); under no_grad on ≤ FEW_ROWS_MAX rows only."""
+    from Models.kernels import few_rows_projections, few_rows_swiglu
+    rng = np.random.default_rng(M)
+    x = rng.standard_normal((M, 1, 40)).astype(np.float32)
+    lins = [jt.nn.Linear(40, n, bias=False) for n in (72, 24, 24)]
+    w1, w3 = jt.nn.Linear(40, 70, bias=False), jt.nn.Linear(40, 70, bias=False)
+    with jt.no_grad():
+        outs = few_rows_projections(jt.array(x), lins)
+        u = few_rows_swiglu(jt.array(x), w1, w3)
+    assert outs is not None and u is not None
+    x64 = x.astype(np.float64)
+    for o, lin in zip(outs, lins):
+        np.testing.assert_allclose(o.numpy(), x64 @ lin.weight.numpy().T, rtol=1e-4, atol=1e-5)
+    g, up = x64 @ w1.weight.numpy().T, x64 @ w3.weight.numpy().T
+    np.testing.assert_allclose(u.numpy(), g / (1 + np.exp(-g)) * up, rtol=1e-4, atol=1e-5)
+    assert few_rows_projections(jt.array(x), lins) is None        # with gradients: the ordinary path
