@@ -25,6 +25,7 @@ and silu(gate)·up in one call). The other projections (wo, w2) stay with oneDNN
 matrices (0.036 vs 0.061 ms for 512×512, 0.15 vs 0.30 ms for 512×1792 with 8 rows); in turn-by-turn decode runs,
 this split took the median step from 28.8 to 26.6 ms.
 """
+import functools
 import os
 
 import numpy as np
@@ -139,16 +140,9 @@ static inline void moa_rows_block(const float* x, int64_t M, int64_t K, const fl
         for (int64_t n = n0; n < n1; n++) moa_dot_rows<1>(x + m * K, w + n * K, K, out + m * ldo + (n - n0), ldo);
 }
 """
-_ROWS_SRC = r"""
-    const int64_t M = in0_shape0, K = in0_shape1, N = in1_shape0, NB = 32;
-    #pragma omp parallel for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += NB)
-        moa_rows_block(in0_p, M, K, in1_p, n0, n0 + NB < N ? n0 + NB : N, out0_p + n0, N);
-"""
-
-
+@functools.lru_cache(maxsize=None)
 def _multi_rows_src(nw):
-    """Several weights against the same rows in one parallel loop over all their 32-row blocks."""
+    """One or several weights against the same rows in one parallel loop over all their 32-row blocks."""
     return r"""
     const int64_t M = in0_shape0, K = in0_shape1, NB = 32;
     const float* Ws[%(n)d] = {%(ws)s};
@@ -252,21 +246,6 @@ static inline float moa_exp_sum_inplace(float* z, int64_t n, float shift) {
 FEW_ROWS_MAX = 64  # above this many rows oneDNN's blocked GEMM is the better choice
 
 
-def few_rows_matmul_t(x, weight):
-    """x [M, K] · weightᵀ for weight [N, K] → [M, N], no gradient: the decode-time head (see the module notes).
-
-    Falls back to nn.matmul_transpose on CUDA, for non-fp32 inputs, more than FEW_ROWS_MAX rows, a compiler other
-    than g++/clang (the kernel uses GCC vector extensions), or MOA_FEW_ROWS_KERNEL=0.
-    """
-    use = (x.dtype == "float32" and weight.dtype == "float32" and x.shape[0] <= FEW_ROWS_MAX
-           and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
-           and os.environ.get("MOA_FEW_ROWS_KERNEL", "1") != "0")
-    if not use:
-        return jt.nn.matmul_transpose(x, weight)
-    return jt.code((x.shape[0], weight.shape[0]), "float32", [x, weight], cpu_header=_ROWS_HEADER,
-                   cpu_src=_ROWS_SRC)
-
-
 def _few_rows_use(x, weights):
     return (jt.flags.no_grad and x.dtype == "float32" and all(w.dtype == "float32" for w in weights)
             and x.ndim >= 2 and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
@@ -278,6 +257,18 @@ def _rows_of(x):
     for s in x.shape[:-1]:
         rows *= s
     return rows
+
+
+def few_rows_matmul_t(x, weight):
+    """x [M, K] · weightᵀ for weight [N, K] → [M, N], no gradient: the decode-time head (see the module notes).
+
+    Falls back to nn.matmul_transpose outside no_grad, on CUDA, for non-fp32 inputs, more than FEW_ROWS_MAX rows,
+    a compiler other than g++/clang (the kernel uses GCC vector extensions), or MOA_FEW_ROWS_KERNEL=0.
+    """
+    if not (_few_rows_use(x, [weight]) and x.shape[0] <= FEW_ROWS_MAX):
+        return jt.nn.matmul_transpose(x, weight)
+    return jt.code((x.shape[0], weight.shape[0]), "float32", [x, weight], cpu_header=_ROWS_HEADER,
+                   cpu_src=_multi_rows_src(1))
 
 
 def few_rows_projections(x, linears):

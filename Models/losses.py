@@ -16,6 +16,8 @@ dL/dW_c = G_cᵀ·h.
 
 Elsewhere (CUDA, other dtypes, MOA_FUSED_HEAD=0) the same formulas run as Jittor ops on whole [rows, V] tensors.
 """
+import os
+
 from Utils.runtime import import_jittor
 from Models.kernels import VEC_EXP_HEADER, dnnl_available, DNNL_SGEMM_DECL
 
@@ -103,7 +105,6 @@ _HEADER = VEC_EXP_HEADER + DNNL_SGEMM_DECL + "#include <cstdlib>\n"
 
 
 def _fused_available(h, weight):
-    import os
     return (h.dtype == "float32" and weight.dtype == "float32" and not jt.flags.use_cuda
             and jt.flags.cc_type in ("g++", "clang") and os.environ.get("MOA_FUSED_HEAD", "1") != "0"
             and dnnl_available())
