@@ -253,11 +253,8 @@ def add_rounds_flag(p):
 
 def ratio_summary(what, ratios):
     """{"bench": "ratio_summary", what, rounds, ratios, median, min, max} over the per-round ratios."""
-    rs = sorted(ratios)
-    n = len(rs)
-    med = rs[n // 2] if n % 2 else 0.5 * (rs[n // 2 - 1] + rs[n // 2])
-    return {"bench": "ratio_summary", "what": what, "rounds": n, "ratios": ratios, "median": med, "min": rs[0],
-            "max": rs[-1]}
+    return {"bench": "ratio_summary", "what": what, "rounds": len(ratios), "ratios": ratios,
+            "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def add_machine_flags(p):
