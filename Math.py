@@ -3,16 +3,16 @@
     python Math.py --llama_path CKPT --data_path train.json --output_dir out [--dry_run true]
     mpirun --allow-run-as-root --oversubscribe -np 2 python Math.py ...      (data parallel)
 
-Flags keep the reference's names and defaults (SPEC §5.1); booleans are strict (D3). Writes to `output_dir`:
-`log.txt` (JSON lines), tensorboard scalars, `checkpoint-last.pkl` / `checkpoint-best.pkl` (adapters + optimizer +
-data position, never the base; D11) and, at the end, `adapter/` with the best adapters (adapter.pth/pkl +
-adapter_params.json).
+Flags keep the reference's names and defaults (SPEC §5.1); booleans are strict (D3): `--flag` alone or
+`--flag true|false` (Utils/cli.py). Writes to `output_dir`: `log.txt` (JSON lines), tensorboard scalars,
+`checkpoint-last.pkl` / `checkpoint-best.pkl` (adapters + optimizer + data position, never the base; D11) and, at
+the end, `adapter/` with the best adapters (adapter.pth/pkl + adapter_params.json).
 """
-import argparse
 import json
 import os
 import sys
 
+from Utils.cli import Parser, add_bool
 from Utils.errors import UserError, cli_main
 
 MODEL_FLAGS = ("routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "expert_num",
@@ -26,24 +26,8 @@ RESUME_MUST_MATCH = ("batch_size", "accum_iter", "world_size", "data_seed", "see
 LONG_WARMUP_ROUTINGS = ("topk_moe", "adamole", "instance_moa", "unipeft")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through cli_main instead of usage + message
-        raise UserError(message)
-
-
-def str2bool(flag):
-    def parse(s):
-        v = str(s).strip().lower()
-        if v in ("true", "1", "yes"):
-            return True
-        if v in ("false", "0", "no"):
-            return False
-        raise UserError("%s: %r is not a boolean (use true/false, 1/0 or yes/no)" % (flag, s))
-    return parse
-
-
 def build_parser():
-    p = _Parser(description="MoA fine-tuning (Jittor)")
+    p = Parser(description="MoA fine-tuning (Jittor)")
     a = p.add_argument
     # data and run
     a("--llama_path", default="/path/to/llama", help="Meta (params.json) or HF checkpoint directory")
@@ -67,31 +51,31 @@ def build_parser():
     a("--early_stop_patience", type=int, default=0, help="validations without improvement before stopping (0=off)")
     a("--log_interval", type=int, default=10, help="optimizer steps between log lines")
     a("--resume", default="", help="a checkpoint file/dir, or 'auto' = output_dir's checkpoint-last.pkl if any")
-    a("--dry_run", type=str2bool("--dry_run"), default=False, help="print the resolved config and param count")
-    a("--progress", type=str2bool("--progress"), default=True, help="tqdm progress bar on rank 0")
+    add_bool(p, "dry_run", False, "print the resolved config and param count")
+    add_bool(p, "progress", True, "tqdm progress bar on rank 0")
     # model / adapters (SPEC §5.1 names)
     a("--routing", default="soft_moa")
     a("--max_seq_len", type=int, default=512)
     a("--max_batch_size", type=int, default=32)
-    a("--w_bias", type=str2bool("--w_bias"), default=False)
+    add_bool(p, "w_bias", False)
     a("--lora_layers", default="0-0")
     a("--lora_rank", type=int, default=16)
     a("--lora_targets", default="Q,V")
     a("--lora_alpha", type=float, default=8)
     a("--expert_num", type=int, default=1)
-    a("--hydra_moe", type=str2bool("--hydra_moe"), default=False)
+    add_bool(p, "hydra_moe", False)
     a("--prompt_layers", default="0-0")
     a("--prompt_len", type=int, default=10)
     a("--p_adapter_layers", default="0-0")
     a("--p_adapter_size", type=int, default=16)
-    a("--p_adapter_hydra", type=str2bool("--p_adapter_hydra"), default=False)
+    add_bool(p, "p_adapter_hydra", False)
     a("--swi_x", type=int, default=0)
     a("--max_threshold", type=float, default=0.5)
-    a("--const_threshold", type=str2bool("--const_threshold"), default=False)
+    add_bool(p, "const_threshold", False)
     a("--threshold_grad", default="none", help="sparse_moa threshold gradient: none | ste | shifted (D1)")
     a("--top_k", type=int, default=1)
     a("--lb_loss_coeff", type=float, default=0.001)
-    a("--noisy_router", type=str2bool("--noisy_router"), default=False)
+    add_bool(p, "noisy_router", False)
     return p
 
 

@@ -1,10 +1,10 @@
 """The main job on the embedded default: `python demo.py` (see README). `python demo.py generate ...` runs a plain
 generation from a checkpoint directory (or the cached tiny demo base when none is given)."""
-import argparse
 import os
 import sys
 import time
 
+from Utils.cli import Parser
 from Utils.errors import UserError, cli_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -21,15 +21,19 @@ def tiny_base_dir():
     return d
 
 
-def cmd_generate(argv):
-    p = argparse.ArgumentParser(prog="demo.py generate", description="Greedy/top-p generation from a checkpoint.")
+def build_generate_parser():
+    p = Parser(prog="demo.py generate", description="Greedy/top-p generation from a checkpoint.")
     p.add_argument("--ckpt_dir", default=None)
     p.add_argument("--adapter_path", default=None)
     p.add_argument("--prompt", action="append", default=None)
     p.add_argument("--max_gen_len", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top_p", type=float, default=0.75)
-    a = p.parse_args(argv)
+    return p
+
+
+def cmd_generate(argv):
+    a = build_generate_parser().parse_args(argv)
     from Models import LLaMA_adapter
     from Utils.runtime import seed_everything
     seed_everything(1)
@@ -84,15 +88,19 @@ def draw_plots(out_dir, ft_dir, eval_dir, stem="task"):
     return made
 
 
-def cmd_demo(argv):
-    p = argparse.ArgumentParser(prog="demo.py", description="The embedded demo: tiny base -> MoA fine-tune -> eval.")
+def build_demo_parser():
+    p = Parser(prog="demo.py", description="The embedded demo: tiny base -> MoA fine-tune -> eval.")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "output", "demo"))
     p.add_argument("--np", type=int, default=2, help="mpirun processes for fine-tuning")
     p.add_argument("--base_steps", type=int, default=2500)
     p.add_argument("--ft_steps", type=int, default=600)
     p.add_argument("--n_test", type=int, default=100)
     p.add_argument("--routing", default="soft_moa")
-    a = p.parse_args(argv)
+    return p
+
+
+def cmd_demo(argv):
+    a = build_demo_parser().parse_args(argv)
     import shutil
     py = sys.executable
     t_start = time.time()

@@ -8,7 +8,6 @@
 Each plotting function returns `(figure, axes, matrix)` where `matrix` is exactly the array drawn, so tests can
 check the rows/columns. The .pkl schemas are documented in Utils/routing_dump.py.
 """
-import argparse
 import glob
 import os
 import pickle
@@ -16,6 +15,7 @@ import struct
 
 import numpy as np
 
+from Utils.cli import Parser
 from Utils.errors import UserError, cli_main
 
 THRESHOLD_LABEL = "Threshold"
@@ -266,7 +266,7 @@ def plot_curves(logdir, out, tags=None):
 
 # ---------------------------------------------------------------------------- command line
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m Utils.plot", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m Utils.plot", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("type_weight", help="layers x adapter-type heatmap of mean routing weights")
     s.add_argument("--pkl", required=True)

@@ -3,7 +3,6 @@
 Both formats hold the same weights: the Meta state is drawn once and the HF files are derived from it by
 `hf_from_meta`, so a loader that round-trips either format must give back exactly the returned state.
 """
-import argparse
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import shutil
 import numpy as np
 
 from Utils.checkpoint_io import bf16_bits_to_float32, hf_from_meta, to_bf16_bits, write_safetensors, write_torch_pth
+from Utils.cli import Parser, add_bool
 from Utils.errors import UserError, cli_main
 
 ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -97,16 +97,8 @@ def _optional_float(s):
     return None if s.lower() in ("none", "") else float(s)
 
 
-def _bool(s):
-    v = s.strip().lower()
-    if v not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError("expected true/false/1/0/yes/no, got %r" % s)
-    return v in ("true", "1", "yes")
-
-
-@cli_main
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a tiny random LLaMA-3 checkpoint (Meta or HF format).")
+def build_parser():
+    p = Parser(description="Write a tiny random LLaMA-3 checkpoint (Meta or HF format).")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--format", dest="fmt", choices=("meta", "hf"), default="meta")
     for name, typ, default in (("dim", int, 64), ("n_layers", int, 2), ("n_heads", int, 4), ("n_kv_heads", int, 2),
@@ -114,10 +106,15 @@ def main(argv=None):
                                ("rope_theta", float, 500000.0), ("norm_eps", float, 1e-5), ("std", float, 0.02)):
         p.add_argument("--" + name, type=typ, default=default)
     p.add_argument("--ffn_dim_multiplier", type=_optional_float, default=None)
-    p.add_argument("--use_scaled_rope", type=_bool, default=False)
-    p.add_argument("--tokenizer", type=_bool, default=True)
+    add_bool(p, "use_scaled_rope", False, "Llama-3.1 scaled RoPE")
+    add_bool(p, "tokenizer", True, "copy the LLaMA-3 tokenizer.model beside the weights")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    opts = p.parse_args(argv)
+    return p
+
+
+@cli_main
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
     make_tiny_checkpoint(**vars(opts))
     print(os.path.abspath(opts.out_dir))
 

@@ -43,6 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import Math  # noqa: E402  (only argparse + Utils.errors at import time: no Jittor)
+from Utils import cli  # noqa: E402
 from Models.model_args import ROUTINGS, THRESHOLD_GRADS, ModelArgs, format_layers  # noqa: E402
 from Utils.errors import UserError  # noqa: E402
 
@@ -125,7 +126,7 @@ def log(*parts):
 
 
 # ------------------------------------------------------------------------------------------------ flags
-class Parser(Math._Parser):  # parse errors → UserError → one line, exit 2 (via cli_main)
+class Parser(cli.Parser):  # parse errors → UserError → one line, exit 2 (via cli_main)
     def __init__(self, description, **kw):
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
@@ -166,7 +167,9 @@ def add_model_flags(p, renames=None):
     for name in ADAPTER_FLAGS:
         a = math_actions[name]
         kind = str if name in LAYER_FLAGS else a.type  # layer flags also accept 'all'
-        if name in renames:
+        if cli.is_bool_action(a):
+            cli.add_bool(g, name, None, "%s (Math.py default: %s)" % (ADAPTER_HELP[name], a.default))
+        elif name in renames:
             g.add_argument("--" + renames[name], dest=renames[name], type=kind, default=None,
                            help="%s; Math.py's --%s (default: %s)" % (ADAPTER_HELP[name], name, a.default))
         else:
@@ -265,15 +268,14 @@ def add_machine_flags(p):
                    help="timed repetitions of the matmul and of the copy, after 2 warm-ups (default 5)")
     g.add_argument("--bw_mb", type=bounded(int, "bw_mb", 1), default=256,
                    help="size of the array copied for the bandwidth, MB (default 256)")
-    g.add_argument("--no_machine", action="store_true",
-                   help="skip the probes (the derived fractions are then null)")
+    cli.add_bool(g, "no_machine", False, "skip the probes (the derived fractions are then null)")
     return p
 
 
 def add_compile_flag(p):
-    p.add_argument("--count_compiles", type=Math.str2bool("--count_compiles"), default=True,
-                   help="count JIT kernels through Jittor's log capture (true/false, default true); it adds a "
-                        "small per-op logging check while on")
+    cli.add_bool(p, "count_compiles", True,
+                 "count JIT kernels through Jittor's log capture (true/false, default true); it adds a "
+                 "small per-op logging check while on")
     return p
 
 

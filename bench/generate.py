@@ -40,6 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402  (puts the repository root on sys.path)
+from Utils import cli  # noqa: E402
 from Utils.errors import UserError, cli_main  # noqa: E402
 
 
@@ -59,9 +60,9 @@ def build_parser():
                    help="decode forwards after the prefill (default 64; generate() returns new_tokens + 1 tokens)")
     g.add_argument("--runs", type=C.bounded(int, "runs"), default=2,
                    help="timed generate() runs after the cold one (default 2)")
-    p.add_argument("--peer", action="store_true",
-                   help="also run bench/peer_torch.py --mode generate (base model, same batch/prompt_len/new_tokens)"
-                        " and print ratio lines")
+    cli.add_bool(p, "peer", False,
+                 "also run bench/peer_torch.py --mode generate (base model, same batch/prompt_len/new_tokens)"
+                 " and print ratio lines")
     C.add_rounds_flag(p)
     C.add_compile_flag(p)
     C.add_machine_flags(p)

@@ -30,6 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402  (puts the repository root on sys.path)
+from Utils import cli  # noqa: E402
 from Utils.errors import cli_main  # noqa: E402
 
 
@@ -42,9 +43,9 @@ def build_parser():
     g.add_argument("--weight_decay", type=float, default=C.WEIGHT_DECAY,
                    help="AdamW weight decay of the 2-D adapter weights (default %g, as the peer)"
                         % C.WEIGHT_DECAY)
-    p.add_argument("--peer", action="store_true",
-                   help="also run bench/peer_torch.py --mode train (plain LoRA, same rank/alpha/targets/layers, "
-                        "same batch/seq_len/steps/warmup) and print a ratio line")
+    cli.add_bool(p, "peer", False,
+                 "also run bench/peer_torch.py --mode train (plain LoRA, same rank/alpha/targets/layers, "
+                 "same batch/seq_len/steps/warmup) and print a ratio line")
     C.add_rounds_flag(p)
     C.add_compile_flag(p)
     C.add_machine_flags(p)
