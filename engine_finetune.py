@@ -40,6 +40,9 @@ def param_groups(named_params, weight_decay):
     return [{"named": no_decay, "weight_decay": 0.0}, {"named": decay, "weight_decay": weight_decay}]
 
 
+V_FLOOR = 1e-36  # a normal float32 (FLT_MIN is 1.2e-38); see AdamW.step
+
+
 class AdamW:
     """torch.optim.AdamW's update on Jittor Vars, driven by gradients we pass in (no backward inside).
 
@@ -73,7 +76,11 @@ class AdamW:
                 st = self.state[name]
                 m = st["m"] * b1 + g * (1.0 - b1)
                 v = st["v"] * b2 + g * g * (1.0 - b2)
-                new_p = p * (1.0 - lr * wd) - (m / (v.sqrt() / bc2_sqrt + self.eps)) * (lr / bc1)
+                # v is floored at a normal float before the sqrt: Jittor's CPU kernels run with flush-to-zero and
+                # fast math, where sqrt of a denormal v (a gradient ~1e-20) can come out NaN inside this fused
+                # expression. sqrt(V_FLOOR) is ~1e-10 of eps, so the update equals PyTorch's in fp32.
+                denom = v.maximum(V_FLOOR).sqrt() / bc2_sqrt + self.eps
+                new_p = p * (1.0 - lr * wd) - (m / denom) * (lr / bc1)
                 st["m"], st["v"] = m.detach(), v.detach()
                 p.update(new_p)
                 touched += [p, st["m"], st["v"]]
