@@ -97,6 +97,9 @@ class HFTokenizer:
             text = _token_text(value)
             if text is not None and (key in NAMED_SPECIAL_TOKENS or key.endswith("_token")):
                 self.special_token_names[key] = text
+        extra = self.config.get("extra_special_tokens")
+        if isinstance(extra, dict):  # transformers 5's named form {"image_token": "<img>", ...}
+            self.special_token_names.update((k, _token_text(v)) for k, v in extra.items() if _token_text(v))
         self.bos_id = self._named_id("bos_token", config_path)
         self.eos_id = self._named_id("eos_token", config_path)
         self.pad_id = self._named_id("pad_token", config_path)

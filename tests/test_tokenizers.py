@@ -98,7 +98,7 @@ def test_minimind_assistant_mask_is_contents_and_end_of_turn(minimind):
     assert sum(mask) == 0
 
 
-CUSTOM_TEMPLATE = """{{ bos_token }}{% set ns = namespace(n=0) %}
+CUSTOM_TEMPLATE = """{{ bos_token }}{{ image_token }}{{ think_token }}{% set ns = namespace(n=0) %}
 {% for m in messages %}
     {% if m.role == 'system' %}
 [SYS] {{ m.content | trim }}
@@ -117,6 +117,7 @@ def test_jinja_environment_renders_like_transformers(tmp_path):
     shutil.copytree(MINIMIND, d)
     config = json.loads((d / "tokenizer_config.json").read_text())
     config["chat_template"] = CUSTOM_TEMPLATE
+    config["extra_special_tokens"] = {"think_token": "<think>"}  # named extra tokens reach the template too
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     chats = CHATS[2:4] + [([{"role": "user", "content": "a"}, {"role": "user", "content": "STOP"},
                             {"role": "user", "content": "never"}], True)]
@@ -124,6 +125,7 @@ def test_jinja_environment_renders_like_transformers(tmp_path):
     tok = HFTokenizer(str(d))
     assert [tok.apply_chat_template(m, g) for m, g in chats] == oracle["chat_text"]
     assert "never" not in oracle["chat_text"][-1] and '"<a&b>"' in oracle["chat_text"][-1]
+    assert oracle["chat_text"][0].startswith("<|im_start|><|image_pad|><think>[SYS] You are terse.\n")
 
 
 def test_chat_template_errors_are_one_line_user_errors():
