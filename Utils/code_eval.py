@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -32,6 +33,7 @@ from Utils.errors import UserError
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 EXIT_FAILED, EXIT_ERROR, EXIT_EXITED, EXIT_SETUP = 101, 102, 103, 125
 STATUSES = ("passed", "failed", "timeout", "error")
+_NAMESPACES_WORK = [True]  # becomes False when namespaces failed after the kernel accepted them
 
 
 class SandboxError(RuntimeError):
@@ -175,8 +177,19 @@ def run_program(source, timeout_s=10.0, memory_mb=512, *, namespaces=True, secco
         os.chmod(os.path.join(workdir, "program.py"), 0o644)
         cfg = {"workdir": workdir, "python": python or program_python(), "memory_mb": int(memory_mb),
                "cpu_s": int(math.ceil(timeout_s)) + 1, "fsize_mb": int(fsize_mb), "nproc": int(nproc),
-               "namespaces": bool(namespaces), "seccomp": bool(seccomp)}
-        return _run(cfg, timeout_s, max_output, stderr_tail)
+               "namespaces": bool(namespaces) and _NAMESPACES_WORK[0], "seccomp": bool(seccomp)}
+        try:
+            return _run(cfg, timeout_s, max_output, stderr_tail)
+        except SandboxError as e:
+            if not cfg["namespaces"]:
+                raise
+            # Some kernels accept unshare but refuse what follows (e.g. mounts in a restricted user namespace):
+            # run without namespaces; if that works, stop trying them in this process. Result.isolation tells.
+            cfg["namespaces"] = False
+            result = _run(cfg, timeout_s, max_output, stderr_tail)
+            _NAMESPACES_WORK[0] = False
+            warnings.warn("code sandbox: namespaces unusable here (%s); running without them" % e)
+            return result
     finally:
         _remove(workdir)
 

@@ -3,7 +3,9 @@
 
 Standard library only and no project imports: it starts under `-I -S` and must not trust the caller's paths.
 
-Layers, each applied when the kernel allows it (what applied is reported on the status pipe):
+Layers, each applied when the kernel allows it (what applied is reported on the status pipe; a kernel that
+refuses namespaces outright gets the other layers; one that accepts them and then refuses a step is a set-up
+error, and the caller retries without namespaces):
 * namespaces — new mount, network, PID, IPC and UTS namespaces (as root directly; otherwise inside a new user
   namespace that maps only the caller's own uid). Network: only a downed loopback. PID: the program runs under a
   tiny init (pid 1); when the program ends or init is killed, the kernel kills every process left in it.
@@ -100,14 +102,17 @@ def _write(path, text):
 
 
 def enter_namespaces(as_root):
-    """unshare; in a user namespace (non-root) map our own uid/gid onto themselves so files keep their owner."""
+    """unshare; in a user namespace (non-root) map our own uid/gid onto themselves so files keep their owner.
+    False when the kernel refuses (nothing changed: the caller falls back); later failures raise."""
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    _check(_libc.unshare(flags if as_root else flags | CLONE_NEWUSER), "unshare")
+    if _libc.unshare(flags if as_root else flags | CLONE_NEWUSER) != 0:
+        return False
     if not as_root:
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", "%d %d 1" % (uid, uid))
         _write("/proc/self/gid_map", "%d %d 1" % (gid, gid))
+    return True
 
 
 class _MountAttr(ctypes.Structure):
@@ -115,15 +120,19 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def private_readonly_tree(workdir, size_mb, owner):
-    """Our copy of the mount tree: private, read-only and nosuid everywhere, then a fresh tmpfs at `workdir`."""
+def private_tree(workdir, size_mb, owner, notes):
+    """Our copy of the mount tree: private, read-only and nosuid everywhere (True), then a fresh tmpfs at
+    `workdir`. A kernel without mount_setattr leaves the tree writable (False, noted); other failures raise."""
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
     # mount_setattr (Linux 5.12+) is the only call that makes a whole tree read-only at once.
-    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
-                         ctypes.sizeof(attr)), "read-only /")
+    readonly = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
+                             ctypes.sizeof(attr)) == 0
+    if not readonly:
+        notes.append("read-only tree unavailable: %s" % os.strerror(ctypes.get_errno()))
     opts = "size=%dm,mode=0700,uid=%d,gid=%d" % (size_mb, owner, owner)
     _check(_libc.mount(b"sandbox", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()), "tmpfs")
+    return readonly
 
 
 def seccomp_filter():
@@ -213,8 +222,8 @@ def wait_for(pid, status_fd, reap_all):
     os.write(status_fd, (json.dumps(rec) + "\n").encode())
 
 
-def main():
-    cfg, status_fd = json.loads(sys.argv[1]), int(sys.argv[2])
+def setup(cfg, status_fd):
+    """Everything before the fork: identity, namespaces, file tree, filters. Returns (in_ns, drop_to, guard)."""
     as_root = os.geteuid() == 0
     with open(os.path.join(cfg["workdir"], "program.py"), "rb") as f:
         source = f.read()
@@ -228,31 +237,36 @@ def main():
             drop_to = 65534
             os.chown(cfg["workdir"], drop_to, drop_to)
         layers.append("uid")
-    in_ns = False
-    if cfg["namespaces"]:
-        try:
-            enter_namespaces(as_root)
-            in_ns = True
-            layers += ["netns", "pidns"]
-            owner = drop_to if drop_to is not None else os.getuid()
-            private_readonly_tree(cfg["workdir"], cfg["fsize_mb"] * 4, owner)
-            layers.append("readonly-fs")
-        except OSError as e:
-            notes.append(str(e))
+    in_ns = bool(cfg["namespaces"]) and enter_namespaces(as_root)
     if in_ns:
+        layers += ["netns", "pidns"]
+        owner = drop_to if drop_to is not None else os.getuid()
+        if private_tree(cfg["workdir"], cfg["fsize_mb"] * 4, owner, notes):
+            layers.append("readonly-fs")
         path = os.path.join(cfg["workdir"], "program.py")
         with open(path, "wb") as f:  # into the fresh tmpfs that now hides the parent's copy
             f.write(source)
         if drop_to is not None:
             os.chown(path, drop_to, drop_to)
-    use_seccomp = cfg["seccomp"] and seccomp_filter() is not None
-    cfg["seccomp"] = use_seccomp
-    if use_seccomp:
+    elif cfg["namespaces"]:
+        notes.append("namespaces unavailable: %s" % os.strerror(ctypes.get_errno()))
+    cfg["seccomp"] = bool(cfg["seccomp"]) and seccomp_filter() is not None
+    if cfg["seccomp"]:
         layers.append("seccomp")
-    net_guard = not in_ns and not use_seccomp
-    if net_guard:
+    guard = not in_ns and not cfg["seccomp"]
+    if guard:
         layers.append("socket-guard")
     os.write(status_fd, (json.dumps({"setup": layers, "uid": drop_to, "notes": notes}) + "\n").encode())
+    return in_ns, drop_to, guard
+
+
+def main():
+    cfg, status_fd = json.loads(sys.argv[1]), int(sys.argv[2])
+    try:
+        in_ns, drop_to, guard = setup(cfg, status_fd)
+    except BaseException as e:  # noqa: BLE001 — reported to the caller, which refuses to score
+        os.write(status_fd, (json.dumps({"setup_error": "%s: %s" % (type(e).__name__, e)}) + "\n").encode())
+        sys.exit(EXIT_SETUP)
     init = os.fork() if in_ns else 0  # in a new PID namespace the first child is its pid 1
     if init:
         os.waitpid(init, 0)
@@ -261,7 +275,7 @@ def main():
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # our parent killed → init dies → all die
     child = os.fork()
     if child == 0:
-        exec_program(cfg, status_fd, drop_to, net_guard)
+        exec_program(cfg, status_fd, drop_to, guard)
     wait_for(child, status_fd, reap_all=in_ns)
     os._exit(0)
 

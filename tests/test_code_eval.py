@@ -257,3 +257,20 @@ def test_nothing_runs_in_the_evaluating_process():
     assert r.status == "passed" and r.stdout == "True\n"
     import builtins
     assert getattr(builtins, "MARK", None) != marker and sys.modules.get("program") is None
+
+
+def test_namespaces_refused_after_unshare_fall_back_once(monkeypatch):
+    import Utils.code_eval as ce
+    calls = []
+
+    def fake_run(cfg, *a):
+        calls.append(cfg["namespaces"])
+        if cfg["namespaces"]:
+            raise SandboxError("code sandbox set-up failed: OSError: tmpfs")
+        return Result("passed", "", 0.0)
+    monkeypatch.setattr(ce, "_run", fake_run)
+    monkeypatch.setattr(ce, "_NAMESPACES_WORK", [True])
+    with pytest.warns(UserWarning, match="namespaces unusable"):
+        assert run("print(1)").status == "passed"
+    assert run("print(1)").status == "passed"
+    assert calls == [True, False, False]                # tried once, then remembered
