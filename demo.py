@@ -27,8 +27,11 @@ def build_generate_parser():
     p.add_argument("--adapter_path", default=None)
     p.add_argument("--prompt", action="append", default=None)
     p.add_argument("--max_gen_len", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=0.75)
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens only (0 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="Hugging Face's repetition penalty on prompt and generated tokens (1.0 = off)")
     return p
 
 
@@ -42,7 +45,8 @@ def cmd_generate(argv):
     prompts = a.prompt or ["Below is an instruction.", "3 + 4 ="]
     toks = [model.tokenizer.encode(t, bos=True, eos=False) for t in prompts]
     t0 = time.time()
-    outs = model.generate(toks, a.max_gen_len, temperature=a.temperature, top_p=a.top_p)
+    outs = model.generate(toks, a.max_gen_len, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          repetition_penalty=a.repetition_penalty)
     for t, o in zip(prompts, outs):
         print("%s -> %r" % (t, model.tokenizer.decode(o)))
     print("generated %d tokens in %.2fs" % (sum(map(len, outs)), time.time() - t0))

@@ -45,6 +45,9 @@ def build_parser():
     p.add_argument("--max_batch_size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--top_p", type=float, default=0.75)
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens only (0 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="Hugging Face's repetition penalty on prompt and generated tokens (1.0 = off)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--aqua_rule", choices=("first", "answer_is"), default="first",
                    help="AQuA letter extraction: first capital A-E (reference) or the letter after 'answer is' (D9)")
@@ -73,6 +76,8 @@ def check_args(a):
         raise UserError("--min_gen_len and --dump_token_weight must be >= 0 and --max_examples >= 1")
     if a.temperature < 0 or not 0 < a.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
+    if a.top_k < 0 or a.repetition_penalty <= 0:
+        raise UserError("--top_k must be >= 0 and --repetition_penalty > 0")
 
 
 # ---------------------------------------------------------------------------- sets and paths
@@ -462,7 +467,8 @@ class Runner:
                 self.collector(start_pos, n)
         t0 = time.perf_counter()
         outs = model.generate(prompts, gen_len, temperature=a.temperature, top_p=a.top_p,
-                              seed=batch_seed(a.seed, batch[0]), on_step=on_step)
+                              seed=batch_seed(a.seed, batch[0]), on_step=on_step, top_k=a.top_k,
+                              repetition_penalty=a.repetition_penalty)
         t1 = time.perf_counter()
         outs = [o[:a.max_gen_len] for o in outs]
         payload = {"results": list(zip(batch, outs)), "dumps": [],

@@ -118,14 +118,17 @@ class LLaMA_adapter(nn.Module):
         jt.gc()
         return res
 
-    def generate(self, prompt_tokens, max_gen_len, temperature=0.0, top_p=0.75, seed=None, on_step=None):
+    def generate(self, prompt_tokens, max_gen_len, temperature=0.0, top_p=0.75, seed=None, on_step=None, top_k=0,
+                 repetition_penalty=1.0):
         """Batched generation with the KV cache: prefill the common prefix, then one token per step (SPEC §7).
 
-        Returns the generated token lists (prompt excluded), each cut at its first stop token (D8).
+        Greedy at temperature 0, else temperature + top-k (0 = off) + top-p sampling; `repetition_penalty` (1.0 =
+        off) as Hugging Face's. Returns the generated token lists (prompt excluded), each cut at its first stop
+        token (D8).
         """
         from Models.generation import generate
         return generate(self, prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, seed=seed,
-                        on_step=on_step)
+                        on_step=on_step, top_k=top_k, repetition_penalty=repetition_penalty)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -193,6 +193,18 @@ def test_two_ranks_equal_one(assets, full_run):
                                    rtol=1e-4)
 
 
+def test_default_sampling_runs_at_the_real_vocabulary(assets, full_run):
+    """inference.py's own sampling defaults (temperature 0.1, top_p 0.75) with the 128,256-token tokenizer: this
+    died in sample_top_p ("probabilities do not sum to 1"). Determinism under a seed: tests/test_generation.py."""
+    out = str(assets["dir"] / "sampled" / "AddSub.jsonl")
+    _run([sys.executable, "inference.py", "--ckpt_dir", assets["ckpt"], "--adapter_path", assets["adapter"],
+          "--data_path", assets["data"], "--save_path", out, "--max_examples", "3", "--max_batch_size", "1",
+          "--max_gen_len", "12"])
+    sampled = [r["generate"] for r in _lines(out)]
+    assert len(sampled) == 3 and all(sampled)
+    assert sampled != [r["generate"] for r in _lines(full_run["out"])]   # sampled, not greedy
+
+
 def test_score_only(assets, full_run, tmp_path):
     src = tmp_path / "AddSub_predict.jsonl"
     recs = _lines(full_run["out"])
