@@ -4,8 +4,8 @@ the unbiased pass@k estimator, and HumanEval / MBPP scoring that runs every test
 No program ever runs in the evaluating process. Each run starts `Utils/sandbox_child.py` in a new session with a
 fresh temporary directory and a minimal environment; that child isolates itself (namespaces, read-only tree,
 unprivileged uid, seccomp, rlimits — see its docstring) and execs `python -I -S -B` on the program. Here we
-enforce the wall clock (the whole process group is killed, and as root every process of the run's uid), keep a
-bounded head of stdout and tail of stderr, and remove the directory.
+enforce the wall clock (the whole process group is killed; without a PID namespace, as root, also every process
+of the run's private uid), keep a bounded head of stdout and tail of stderr, and remove the directory.
 
 Statuses: passed (ran to its end), failed (an AssertionError escaped: a test failed), timeout (wall clock or CPU
 limit), error (any other exception, syntax error, explicit exit — even exit(0), since the tests after it never

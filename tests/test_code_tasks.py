@@ -14,8 +14,10 @@ from Utils.errors import UserError
 RUNNING_MAX = {
     "task_id": "Toy/0",
     "prompt": 'from typing import List\n\n\ndef running_max(values: List[int]) -> List[int]:\n'
-              '    """Return the running maximum of values.\n    >>> running_max([1, 3, 2])\n    [1, 3, 3]\n    """\n',
-    "canonical_solution": "    out, best = [], None\n    for v in values:\n        best = v if best is None else max(best, v)\n"
+              '    """Return the running maximum of values.\n    >>> running_max([1, 3, 2])\n'
+              '    [1, 3, 3]\n    """\n',
+    "canonical_solution": "    out, best = [], None\n    for v in values:\n"
+                          "        best = v if best is None else max(best, v)\n"
                           "        out.append(best)\n    return out\n",
     "test": "def check(candidate):\n    assert candidate([]) == []\n    assert candidate([1, 3, 2]) == [1, 3, 3]\n"
             "    assert candidate([5, 4]) == [5, 5]\n",
@@ -109,11 +111,13 @@ def test_prompts():
 # ---------------------------------------------------------------------------- extraction, scored in the sandbox
 GOOD_ANSWERS = {
     "fenced, prose around, example usage and a wrong assert after it":
-        (RUNNING_MAX, "Here is a solution:\n```python\ndef running_max(values):\n    out = []\n    for v in values:\n"
+        (RUNNING_MAX, "Here is a solution:\n```python\ndef running_max(values):\n    out = []\n"
+                      "    for v in values:\n"
                       "        out.append(v if not out else max(out[-1], v))\n    return out\n\n"
                       "print(running_max([1, 3, 2]))\nassert running_max([1]) == [2]\n```\nIt keeps the maximum."),
     "body continuation followed by another def and a print":
-        (RUNNING_MAX, "    result = []\n    for v in values:\n        result.append(max(result[-1], v) if result else v)\n"
+        (RUNNING_MAX, "    result = []\n    for v in values:\n"
+                      "        result.append(max(result[-1], v) if result else v)\n"
                       "    return result\n\n\ndef unrelated():\n    return 0\n\nprint(running_max([9]))\n"),
     "unfenced whole function after prose, with a __main__ block that exits":
         (RUNNING_MAX, "Sure!\n\nfrom typing import List\n\ndef running_max(values: List[int]) -> List[int]:\n"
