@@ -107,16 +107,21 @@ def resolve_lr(args, world):
 
 def model_args_from(args):
     """ModelArgs from `<llama_path>/params.json` (or HF config.json) + the adapter flags; reads no weights."""
-    from Models.model_args import ModelArgs
+    from Models.model_args import FieldError, ModelArgs
     if not os.path.isdir(args.llama_path):
         raise UserError("--llama_path: %s is not a directory" % args.llama_path)
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS}
     meta = os.path.join(args.llama_path, "params.json")
     hf = os.path.join(args.llama_path, "config.json")
-    if os.path.isfile(meta):
-        return ModelArgs.from_params_json(meta, **overrides)
-    if os.path.isfile(hf):
-        return ModelArgs.from_hf_config(hf, **overrides)
+    try:
+        if os.path.isfile(meta):
+            return ModelArgs.from_params_json(meta, **overrides)
+        if os.path.isfile(hf):
+            return ModelArgs.from_hf_config(hf, **overrides)
+    except FieldError as e:  # name the flag the user typed
+        if e.field in overrides:
+            raise UserError("--%s: %s" % (e.field, e.detail))
+        raise
     raise UserError("--llama_path: %s holds neither params.json nor config.json" % args.llama_path)
 
 

@@ -36,6 +36,11 @@ def _resolve(path):
     return path, os.path.join(os.path.dirname(os.path.abspath(path)), PARAMS_FILE)
 
 
+def adapter_params_path(path):
+    """The adapter_params.json that goes with an adapter file or directory."""
+    return _resolve(path)[1]
+
+
 def read_adapter_state(path):
     from Utils import checkpoint_io
     weights, _ = _resolve(path)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from Models.llama import Transformer
-from Models.model_args import ModelArgs
+from Models.model_args import FieldError, ModelArgs
 from Models.tokenizer import Tokenizer
 from Utils.errors import UserError
 from Utils.runtime import import_jittor
@@ -139,21 +139,26 @@ class LLaMA_adapter(nn.Module):
         configuration is applied before `overrides` (ModelArgs field names). Returns the model in eval mode.
         """
         from Utils import checkpoint_io
-        from Models.adapter_io import load_adapter_config, load_adapter_weights
+        from Models.adapter_io import adapter_params_path, load_adapter_config, load_adapter_weights
         if not os.path.isdir(ckpt_dir):
             raise UserError("%s: checkpoint directory not found" % ckpt_dir)
         adapter_cfg = load_adapter_config(adapter_path, overrides.get("routing")) if adapter_path else {}
         merged = dict(adapter_cfg)
         merged.update({k: v for k, v in overrides.items() if v is not None})
         meta_params = os.path.join(ckpt_dir, "params.json")
-        if os.path.isfile(meta_params):
-            args = ModelArgs.from_params_json(meta_params, **merged)
-            state = checkpoint_io.load_meta_checkpoint(ckpt_dir)
-        elif os.path.isfile(os.path.join(ckpt_dir, "config.json")):
-            args = ModelArgs.from_hf_config(os.path.join(ckpt_dir, "config.json"), **merged)
-            state = checkpoint_io.load_hf_checkpoint(ckpt_dir, args)
-        else:
-            raise UserError("%s: neither params.json (Meta) nor config.json (Hugging Face) found" % ckpt_dir)
+        try:
+            if os.path.isfile(meta_params):
+                args = ModelArgs.from_params_json(meta_params, **merged)
+                state = checkpoint_io.load_meta_checkpoint(ckpt_dir)
+            elif os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+                args = ModelArgs.from_hf_config(os.path.join(ckpt_dir, "config.json"), **merged)
+                state = checkpoint_io.load_hf_checkpoint(ckpt_dir, args)
+            else:
+                raise UserError("%s: neither params.json (Meta) nor config.json (Hugging Face) found" % ckpt_dir)
+        except FieldError as e:  # a bad value read from adapter_params.json names that file
+            if e.field in adapter_cfg and overrides.get(e.field) is None:
+                raise UserError("%s: %s" % (adapter_params_path(adapter_path), e))
+            raise
         tok_file = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
         tokenizer = Tokenizer(tok_file if os.path.isfile(tok_file) or tokenizer_path else None)
         if tokenizer.n_words != args.vocab_size:

@@ -17,25 +17,39 @@ THRESHOLD_GRADS = ("none", "ste", "shifted")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+class FieldError(UserError):
+    """A bad value of one ModelArgs field: callers re-label it with where the value came from (a CLI flag, a
+    keyword, adapter_params.json)."""
+
+    def __init__(self, field, detail):
+        super().__init__("%s: %s" % (field, detail))
+        self.field, self.detail = field, detail
+
+
 def parse_layers(spec, n_layers=None, name="layers"):
-    """'0-8,24-32' → (0..7, 24..31). Ranges are half-open; '0-0' or '' means none."""
+    """'0-8,24-32' → (0..7, 24..31). Ranges are half-open; '0-0' or '' means none. With `n_layers`, a range that
+    ends past the model (even an empty one such as '40-40') is an error naming the range and the layer count."""
     if isinstance(spec, (tuple, list)):
         layers = tuple(sorted({int(i) for i in spec}))
-    else:
-        spec = str(spec).strip()
-        layers = set()
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            try:
-                a, b = (int(v) for v in part.split("-"))
-            except ValueError:
-                raise UserError("%s: %r is not a list of half-open ranges like '0-32' or '0-8,24-32'" % (name, spec))
-            if a < 0 or b < a:
-                raise UserError("%s: range %r must satisfy 0 <= start <= end" % (name, part))
-            layers.update(range(a, b))
-        layers = tuple(sorted(layers))
-    if n_layers is not None and layers and layers[-1] >= n_layers:
-        raise UserError("%s: layer %d is out of range (the model has %d layers)" % (name, layers[-1], n_layers))
-    return layers
+        if layers and layers[0] < 0:
+            raise FieldError(name, "layer %d is negative" % layers[0])
+        if layers and n_layers is not None and layers[-1] >= n_layers:
+            raise FieldError(name, "layer %d is out of range (the model has %d layers)" % (layers[-1], n_layers))
+        return layers
+    spec = str(spec).strip()
+    layers = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            a, b = (int(v) for v in part.split("-"))
+        except ValueError:
+            raise FieldError(name, "%r is not a list of half-open ranges like '0-32' or '0-8,24-32'" % spec)
+        if a < 0 or b < a:
+            raise FieldError(name, "range %r must satisfy 0 <= start <= end" % part)
+        if n_layers is not None and b > n_layers:
+            raise FieldError(name, "range %r goes past the model's %d layers (ranges are half-open: at most '0-%d')"
+                             % (part, n_layers, n_layers))
+        layers.update(range(a, b))
+    return tuple(sorted(layers))
 
 
 def format_layers(layers):
@@ -60,9 +74,9 @@ def parse_targets(spec, name="lora_targets"):
         items = [t.strip() for t in str(spec).split(",") if t.strip()]
     for t in items:
         if t not in LORA_TARGETS:
-            raise UserError("%s: unknown target %r (expected a comma list of %s)" % (name, t, ",".join(LORA_TARGETS)))
+            raise FieldError(name, "unknown target %r (expected a comma list of %s)" % (t, ",".join(LORA_TARGETS)))
     if len(set(items)) != len(items):
-        raise UserError("%s: %r names a target twice" % (name, spec))
+        raise FieldError(name, "%r names a target twice" % (spec,))
     return tuple(t for t in LORA_TARGETS if t in items)
 
 
