@@ -26,15 +26,10 @@ KERNELS = ("plain", "positive", "l1", "l2")
 _TILE_ELEMENTS = 1 << 23  # ≈32 MB of float32 per partial product block: big GEMMs, bounded memory
 
 
-def _hot_pairs(norms):
-    """(order, partners, count): neurons by decreasing norm; partners[p] = how many of them j satisfy
-    n_order[p] · n_j > 1 (they are the first partners[p] in that order); count = Σ partners (hot ordered pairs)."""
-    order = np.argsort(-norms, kind="stable")
-    ns = norms[order]
-    with np.errstate(divide="ignore"):
-        limit = 1.0 / ns  # a zero norm gets inf: no partner
-    partners = np.searchsorted(-ns, -limit, side="left")  # #{j : ns_j > limit}, ns is decreasing
-    return order, partners, int(partners.sum())
+def _hot_neurons(norms):
+    """Neurons i with n_i · max_j n_j > 1, i.e. in at least one pair whose norm bound exceeds 1 (sorted)."""
+    top = norms.max() if norms.size else 0.0
+    return np.flatnonzero(norms * top > 1.0)
 
 
 def apply_kernel(h, kernel):
@@ -90,34 +85,37 @@ class CoactivationAccumulator:
         """out[i, j] += Σ_b min(1, S_b[i, j]) with S_b = a_bᵀ a_b over the tokens of mini-batch b.
 
         By Cauchy–Schwarz |S_b[i, j]| ≤ n_i·n_j with n_i = ‖a_b,i‖ over the mini-batch's tokens, so the cap can only
-        bite for "hot" pairs with n_i·n_j > 1. Everywhere else min(1, S_b) = S_b, and the sum over mini-batches is
-        one symmetric GEMM over all tokens (numpy uses syrk for aᵀa), ~10× faster than capping every mini-batch's
-        d_ff × d_ff block; the hot pairs are then corrected by min(1, S) − S. Mini-batches with many hot pairs are
-        cheaper capped directly and are left out of the GEMM.
+        bite on pairs with n_i·n_j > 1; call H_b the neurons in such a pair. With H_b's columns zeroed, the sum over
+        mini-batches is one fp32 GEMM over all tokens (numpy uses syrk for aᵀa), ~10× faster than capping every
+        mini-batch's d_ff × d_ff block, and exact to fp32 rounding because every term is ≤ 1 there. The rows of
+        H_b are then added capped, in fp64, as rows only: a pair (i ∈ H_b, j ∉ H_b) gets 2·min(1, S) in out[i, j]
+        and nothing in out[j, i], which the final (A + Aᵀ)/2 turns into the right value. Mini-batches with a large
+        H_b are cheaper capped directly.
         """
         out = self._A if out is None else out
         nb, _, n = a.shape
         if nb == 0:
             return
-        norms = np.sqrt((a.astype(np.float64) ** 2).sum(axis=1))  # [nb, n]
-        plans = [_hot_pairs(norms[b]) for b in range(nb)]
-        heavy = np.array([p[2] > n * n // 4 for p in plans], dtype=bool)
+        norms = np.sqrt(np.einsum("btn,btn->bn", a, a, dtype=np.float64))  # [nb, n]
+        hot = [_hot_neurons(norms[b]) for b in range(nb)]
+        heavy = np.array([h.size > n // 4 for h in hot], dtype=bool)
         light = np.flatnonzero(~heavy)
         if light.size:
-            corrected = [b for b in light if plans[b][2]]
-            # Corrections subtract S from a sum that contains it: fp64 then, so no large value loses the small ones.
-            flat = a[light].reshape(-1, n).astype(np.float64 if corrected else np.float32)
+            cold = a[light]  # a copy (fancy index)
+            for k, b in enumerate(light):
+                cold[k][:, hot[b]] = 0.0
+            flat = cold.reshape(-1, n)
             out += flat.T @ flat
-            for b in corrected:
-                order, partners, _ = plans[b]
+            del cold, flat
+            for b in light:
+                idx = hot[b]
+                if idx.size == 0:
+                    continue
                 ab = a[b].astype(np.float64)
-                r0 = 0
-                while r0 < n and partners[r0]:
-                    # Rows sorted by decreasing norm have nested partner sets: a block of rows shares the first's.
-                    rows, cols = order[r0:r0 + 256], order[:partners[r0]]
-                    S = ab[:, rows].T @ ab[:, cols]
-                    out[np.ix_(rows, cols)] += np.minimum(S, 1.0) - S
-                    r0 += 256
+                capped = np.minimum(ab[:, idx].T @ ab, 1.0)  # [|H_b|, n]
+                capped *= 2.0
+                capped[:, idx] *= 0.5  # pairs inside H_b arrive once from each side already
+                out[idx] += capped
         if heavy.any():
             self._add_capped(a[heavy], out)
 
@@ -194,11 +192,11 @@ def graph_from_coactivation(A, threshold=None, chunk_rows=1024):
         block = A[r0:r0 + chunk_rows]
         keep = block >= tau  # A/τ ≥ 1 without dividing the whole block
         keep[np.arange(block.shape[0]), np.arange(r0, r0 + block.shape[0])] = False  # no self-loops
-        r, c = np.nonzero(keep)
-        cols.append(c.astype(np.int64))
+        cols.append(np.nonzero(keep)[1].astype(np.int64))
+        # Boolean indexing walks the block in the same row-major order as nonzero, and is faster than a gather.
         # max(1, ·): A ≥ τ can still round to A/τ = 0.999…; every kept edge weighs at least 1, as METIS requires.
-        weights.append(np.maximum(np.floor(block[r, c] / tau), 1).astype(np.int64))
-        degree[r0:r0 + block.shape[0]] = np.bincount(r, minlength=block.shape[0])
+        weights.append(np.maximum(np.floor(block[keep] / tau), 1).astype(np.int64))
+        degree[r0:r0 + block.shape[0]] = keep.sum(axis=1)
     xadj = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
     return xadj, np.concatenate(cols), np.concatenate(weights), tau
 
