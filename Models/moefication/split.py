@@ -174,7 +174,7 @@ def expert_centroids(template, labels, num_experts):
 
 
 def split_neurons(method, num_experts, template=None, d_ff=None, seed=0, metric="l2", max_iter=500, n_init=1,
-                  coactivation=None, **graph_kw):
+                  assign="exact", coactivation=None, **graph_kw):
     """Labels [d_ff] for one layer. `template` [d_ff, d] is needed by kmeans (and gives d_ff to the others);
     `coactivation` (a [d_ff, d_ff] matrix or a `CoactivationAccumulator`) is needed by graph."""
     if method not in METHODS:
@@ -186,7 +186,7 @@ def split_neurons(method, num_experts, template=None, d_ff=None, seed=0, metric=
     if method == "kmeans":
         if template is None:
             raise UserError("template: the kmeans split needs the template weight [d_ff, d]")
-        return kmeans_split(template, num_experts, metric, seed, max_iter, n_init)
+        return kmeans_split(template, num_experts, metric, seed, max_iter, n_init, assign)
     if method == "graph":
         from Models.moefication.coactivation import graph_split
         if coactivation is None:
