@@ -26,10 +26,10 @@ matrices (0.036 vs 0.061 ms for 512×512, 0.15 vs 0.30 ms for 512×1792 with 8 r
 this split took the median step from 28.8 to 26.6 ms.
 """
 import functools
-import os
 
 import numpy as np
 
+from Models.kernel_config import enabled, note_used
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -99,8 +99,8 @@ def dnnl_available():
 
 def batched_matmul(a, b, transpose_b=False):
     """a [N, n, m] @ b [N, m, k] (or bᵀ for b [N, k, m] when transpose_b) → [N, n, k]; differentiable."""
-    if (a.dtype == "float32" and b.dtype == "float32" and os.environ.get("MOA_DNNL_BMM", "1") != "0"
-            and dnnl_available()):
+    if a.dtype == "float32" and b.dtype == "float32" and enabled("dnnl_bmm") and dnnl_available():
+        note_used("dnnl_bmm")
         return _BatchedMatmul.apply(a, b, transpose_b)
     return jt.matmul(a, b.transpose(0, 2, 1) if transpose_b else b)
 
@@ -249,7 +249,7 @@ FEW_ROWS_MAX = 64  # above this many rows oneDNN's blocked GEMM is the better ch
 def _few_rows_use(x, weights):
     return (jt.flags.no_grad and x.dtype == "float32" and all(w.dtype == "float32" for w in weights)
             and x.ndim >= 2 and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
-            and os.environ.get("MOA_FEW_ROWS_KERNEL", "1") != "0")
+            and enabled("few_rows"))
 
 
 def _rows_of(x):
@@ -267,6 +267,7 @@ def few_rows_matmul_t(x, weight):
     """
     if not (_few_rows_use(x, [weight]) and x.shape[0] <= FEW_ROWS_MAX):
         return jt.nn.matmul_transpose(x, weight)
+    note_used("few_rows")
     return jt.code((x.shape[0], weight.shape[0]), "float32", [x, weight], cpu_header=_ROWS_HEADER,
                    cpu_src=_multi_rows_src(1))
 
@@ -280,6 +281,7 @@ def few_rows_projections(x, linears):
     rows = _rows_of(x)
     if rows > FEW_ROWS_MAX:
         return None
+    note_used("few_rows")
     outs = jt.code([(rows, w.shape[0]) for w in weights], ["float32"] * len(weights),
                    [x.reshape(rows, x.shape[-1])] + weights, cpu_header=_ROWS_HEADER,
                    cpu_src=_multi_rows_src(len(weights)))
@@ -294,6 +296,7 @@ def few_rows_swiglu(x, w1, w3):
     rows = _rows_of(x)
     if rows > FEW_ROWS_MAX or w1.weight.shape != w3.weight.shape:
         return None
+    note_used("few_rows")
     out = jt.code((rows, w1.weight.shape[0]), "float32", [x.reshape(rows, x.shape[-1]), w1.weight, w3.weight],
                   cpu_header="#include <cmath>\n" + _ROWS_HEADER, cpu_src=_ROWS_SWIGLU_SRC)
     return out.reshape(tuple(x.shape[:-1]) + (w1.weight.shape[0],))
@@ -368,13 +371,13 @@ class _CausalSoftmax(jt.Function):
 
 
 def causal_softmax_available(scores):
-    return (scores.dtype == "float32" and not jt.flags.use_cuda
-            and os.environ.get("MOA_FUSED_SOFTMAX", "1") != "0")
+    return scores.dtype == "float32" and not jt.flags.use_cuda and enabled("fused_softmax")
 
 
 def causal_softmax(scores, T, scale):
     """softmax(scale·scores + causal mask) over the last axis of fp32 [N, R, S] scores, R = n_rep·T, as
     Attention computes it with `causal_mask(T, S − T)`; differentiable. CPU only (see causal_softmax_available)."""
+    note_used("fused_softmax")
     t_var = _const(int(T), np.int64)
     scale_var = _const(float(scale), np.float32)
     return _CausalSoftmax.apply(scores, t_var, scale_var)
@@ -443,9 +446,10 @@ def swiglu(gate, up):
     """silu(gate)·up, differentiable: one multi-threaded kernel each way for fp32 on CPU (g++/clang), unless
     MOA_FUSED_SWIGLU=0; Jittor's ops otherwise."""
     use = (gate.dtype == "float32" and up.dtype == "float32" and gate.shape == up.shape and not jt.flags.use_cuda
-           and jt.flags.cc_type in ("g++", "clang") and os.environ.get("MOA_FUSED_SWIGLU", "1") != "0")
+           and jt.flags.cc_type in ("g++", "clang") and enabled("fused_swiglu"))
     if not use:
         return jt.nn.silu(gate) * up
+    note_used("fused_swiglu")
     shape = gate.shape
     cols = shape[-1]
     out = _SwiGLU.apply(gate.reshape(-1, cols), up.reshape(-1, cols))
@@ -510,9 +514,9 @@ class _RMSNorm(jt.Function):
 def rms_norm(x, weight, eps):
     """x·rsqrt(mean(x², −1) + eps)·weight, differentiable; one multi-threaded kernel each way for fp32 on CPU unless
     MOA_FUSED_NORM=0. Returns None when the kernel does not apply (the caller then uses Jittor's ops)."""
-    if not (x.dtype == "float32" and weight.dtype == "float32" and not jt.flags.use_cuda
-            and os.environ.get("MOA_FUSED_NORM", "1") != "0"):
+    if not (x.dtype == "float32" and weight.dtype == "float32" and not jt.flags.use_cuda and enabled("fused_norm")):
         return None
+    note_used("fused_norm")
     shape = x.shape
     eps_var = _const(float(eps), np.float32)
     return _RMSNorm.apply(x.reshape(-1, shape[-1]), weight, eps_var).reshape(shape)
@@ -563,7 +567,7 @@ def rope(x, cos, sin):
     """Interleaved-pair rotation of fp32 x [B, T, H, hd] by cos/sin [T, hd/2] (Models.llama.apply_rotary_emb),
     differentiable in x; one multi-threaded kernel each way on CPU unless MOA_FUSED_ROPE=0. Returns None when the
     kernel does not apply."""
-    if not (x.dtype == "float32" and cos.dtype == "float32" and not jt.flags.use_cuda
-            and os.environ.get("MOA_FUSED_ROPE", "1") != "0"):
+    if not (x.dtype == "float32" and cos.dtype == "float32" and not jt.flags.use_cuda and enabled("fused_rope")):
         return None
+    note_used("fused_rope")
     return _Rope.apply(x, cos.stop_grad(), sin.stop_grad())

@@ -16,8 +16,7 @@ dL/dW_c = G_cᵀ·h.
 
 Elsewhere (CUDA, other dtypes, MOA_FUSED_HEAD=0) the same formulas run as Jittor ops on whole [rows, V] tensors.
 """
-import os
-
+from Models.kernel_config import enabled, note_used
 from Utils.runtime import import_jittor
 from Models.kernels import VEC_EXP_HEADER, dnnl_available, DNNL_SGEMM_DECL
 
@@ -106,8 +105,7 @@ _HEADER = VEC_EXP_HEADER + DNNL_SGEMM_DECL + "#include <cstdlib>\n"
 
 def _fused_available(h, weight):
     return (h.dtype == "float32" and weight.dtype == "float32" and not jt.flags.use_cuda
-            and jt.flags.cc_type in ("g++", "clang") and os.environ.get("MOA_FUSED_HEAD", "1") != "0"
-            and dnnl_available())
+            and jt.flags.cc_type in ("g++", "clang") and enabled("fused_head") and dnnl_available())
 
 
 class _HeadCrossEntropyCPU(jt.Function):
@@ -193,5 +191,6 @@ def head_cross_entropy(h, weight, target):
     """
     target = target.stop_grad()
     if _fused_available(h, weight):
+        note_used("fused_head")
         return _HeadCrossEntropyCPU.apply(h, weight, target.int32())
     return _HeadCrossEntropy.apply(h, weight, target)

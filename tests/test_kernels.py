@@ -10,7 +10,9 @@ def path(request, jt):
     if request.param == "dnnl":
         kernels._state["ok"] = None
         if not kernels.dnnl_available():
-            pytest.skip("no oneDNN on this Jittor build")
+            if jt.flags.use_cuda:
+                pytest.skip("oneDNN kernels do not apply on CUDA")
+            pytest.fail("oneDNN is not linked into Jittor (run.sh links Debian's libdnnl)")
     else:
         kernels._state["ok"] = False
     yield request.param
@@ -97,26 +99,57 @@ def test_causal_softmax_matches_numpy(jt, N, rep, T, start):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("switch", ["MOA_FUSED_SOFTMAX", "MOA_FUSED_SWIGLU", "MOA_FUSED_NORM", "MOA_FUSED_ROPE",
-                                    "MOA_FUSED_HEAD", "all"])
-def test_whole_model_same_with_and_without_each_kernel(jt, monkeypatch, switch):
-    """The whole model (training loss, a loss on the logits, and the adapter gradients) is the same through each CPU
-    kernel and through the Jittor ops it replaces (causal softmax with the additive mask, silu·up, RMSNorm, RoPE, the
-    head's cross-entropy)."""
+KERNEL_SWITCHES = ["fused_softmax", "fused_swiglu", "fused_norm", "fused_rope", "fused_head", "dnnl_bmm", "few_rows"]
+
+
+def _model_outputs(jt, model, tokens, params):
+    """Training loss + a loss on the logits with the adapter gradients, and the decode path: last-position logits
+    of a cached prefill and of one cached decode step (where the few-rows kernels run)."""
+    logits = model.llama(tokens)
+    loss = model(tokens, tokens)[0] + (logits * logits).mean()
+    out = [loss.numpy()] + [g.numpy() for g in jt.grad(loss, params)]
+    with jt.no_grad():
+        out.append(model.llama(tokens[:, :-1], start_pos=0, use_cache=True, last_only=True).numpy())
+        out.append(model.llama(tokens[:, -1:], start_pos=tokens.shape[1] - 1, use_cache=True, last_only=True).numpy())
+    model.llama.free_caches()
+    return out
+
+
+@pytest.mark.parametrize("switch", KERNEL_SWITCHES + ["all"])
+def test_whole_model_same_with_and_without_each_kernel(jt, switch):
+    """The whole model (training loss, a loss on the logits, the adapter gradients, and cached decoding) is the same
+    through each CPU kernel and through the Jittor ops it replaces; the "on" pass must really have used the kernel
+    (kernel_config.used), so a device where a kernel does not apply cannot pass by comparing the fall-back with
+    itself."""
+    from Models import kernel_config
     from tiny_variants import build
+    if jt.flags.use_cuda:
+        pytest.skip("the CPU kernels do not apply on CUDA")
     model = build("soft_moa", seed=0)
     tokens = jt.array(np.random.default_rng(1).integers(0, model.args.vocab_size, (2, 9)).astype(np.int32))
     params = [p for _, p in model.trainable_parameters()]
-    names = ["MOA_FUSED_SOFTMAX", "MOA_FUSED_SWIGLU", "MOA_FUSED_NORM", "MOA_FUSED_ROPE", "MOA_FUSED_HEAD"]
+    fields = KERNEL_SWITCHES if switch == "all" else [switch]
     out = {}
-    for flag in ("1", "0"):
-        for name in names if switch == "all" else [switch]:
-            monkeypatch.setenv(name, flag)
-        logits = model.llama(tokens)
-        loss = model(tokens, tokens)[0] + (logits * logits).mean()
-        out[flag] = [loss.numpy()] + [g.numpy() for g in jt.grad(loss, params)]
-    for a, b in zip(out["1"], out["0"]):
+    for on in (True, False):
+        before = dict(kernel_config.used)
+        with kernel_config.override(**{f: on for f in fields}):
+            out[on] = _model_outputs(jt, model, tokens, params)
+        for f in fields:
+            ran = kernel_config.used[f] - before.get(f, 0)
+            assert (ran > 0) if on else (ran == 0), "%s: used %d times with the switch %s" % (f, ran, on)
+    for a, b in zip(out[True], out[False]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_switches_parse_once_from_the_environment():
+    from Models.kernel_config import KernelConfig
+    from Utils.errors import UserError
+    cfg = KernelConfig.from_env({"MOA_FUSED_HEAD": "0", "MOA_FEW_ROWS_KERNEL": "off", "MOA_DNNL_BMM": "yes"})
+    assert not cfg.fused_head and not cfg.few_rows and cfg.dnnl_bmm and cfg.fused_norm
+    assert not any(vars(KernelConfig.from_env({"MOA_KERNELS": "0"})).values())
+    assert KernelConfig.from_env({"MOA_KERNELS": "0", "MOA_FUSED_ROPE": "1"}).fused_rope
+    with pytest.raises(UserError, match="MOA_FUSED_NORM"):
+        KernelConfig.from_env({"MOA_FUSED_NORM": "maybe"})
 
 
 def test_swiglu_matches_numpy(jt):
