@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from Utils import distributed as dist
-from Utils.lr_sched import adjust_learning_rate
+from engine.schedule import adjust_learning_rate
 from Utils.metric_logger import MetricLogger
 from Utils.runtime import import_jittor
 

@@ -1,10 +1,10 @@
-"""The reference's warm-up + half-cosine schedule at fractional epochs (SPEC §5.2 step 7)."""
+"""The reference's warm-up + half-cosine schedule at fractional epochs, and the step-based schedules."""
 import math
 from types import SimpleNamespace
 
 import pytest
 
-from Utils.lr_sched import adjust_learning_rate, lr_at
+from engine.schedule import adjust_learning_rate, lr_at
 
 
 def _args(lr=1e-3, min_lr=0.0, warmup_epochs=1.0, epochs=2):
@@ -50,3 +50,23 @@ def test_adjust_sets_every_group():
     opt = SimpleNamespace(param_groups=[{"lr": 1.0}, {"lr": 2.0}])
     adjust_learning_rate(opt, 1.0, _args())
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-3)] * 2
+
+
+def test_step_schedules_match_transformers_warmup_formulas():
+    from engine.schedule import StepSchedule, lr_at_step
+    # warm-up lr·s/warmup from 0, then cosine to min_lr at the last step, as get_cosine_schedule_with_warmup
+    s = StepSchedule(1.0, total_steps=110, warmup_steps=10, kind="cosine")
+    assert [s(k, None) for k in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    assert s(60, None) == pytest.approx(0.5)
+    assert s(110, None) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at_step(60, 110, 1.0, 0.1, 10, "cosine") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at_step(60, 110, 1.0, 0.0, 10, "linear") == pytest.approx(0.5)
+    assert lr_at_step(1000, 110, 1.0, 0.0, 10, "constant") == 1.0
+    assert lr_at_step(3, 110, 2.0, 0.0, 0, "constant") == 2.0
+
+
+def test_unknown_step_schedule_is_a_one_line_error():
+    from engine.schedule import StepSchedule
+    from Utils.errors import UserError
+    with pytest.raises(UserError, match="lr_schedule"):
+        StepSchedule(1.0, 10, kind="exp")

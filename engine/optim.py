@@ -1,0 +1,151 @@
+"""Optimiser pieces of the one training engine: decay groups, AdamW with PyTorch's numerics, global-norm clipping and
+dynamic loss scaling.
+
+AdamW takes the gradients as an argument instead of calling backward itself: Jittor's own optimisers count
+micro-steps in the bias correction and all-reduce on every `backward()` (see docs/jittor_notes.md); the engine
+accumulates gradients, reduces them once per optimizer step and hands them here.
+"""
+import math
+
+import numpy as np
+
+from Utils.runtime import import_jittor
+
+jt = import_jittor()
+
+V_FLOOR = 1e-36   # a normal float32 (FLT_MIN is 1.2e-38): see AdamW.step
+NORM_FLOOR = 1e-30
+
+
+def param_groups(named_params, weight_decay):
+    """No weight decay for 1-D parameters and names ending in `.bias` (norms, biases, gates); decay for the rest."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        (no_decay if len(p.shape) == 1 or name.endswith(".bias") else decay).append((name, p))
+    return [{"named": no_decay, "weight_decay": 0.0}, {"named": decay, "weight_decay": weight_decay}]
+
+
+class AdamW:
+    """torch.optim.AdamW's update on Jittor Vars, driven by gradients passed in (no backward inside).
+
+    p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+    p ← p − (lr / (1−β1ᵗ)) · m / (√v / √(1−β2ᵗ) + ε),   t = number of optimizer steps taken.
+    Moments are fp32 Vars kept in a plain dict (never module attributes, so they are not parameters).
+    """
+
+    def __init__(self, groups, lr, betas=(0.9, 0.95), eps=1e-8):
+        self.param_groups = [dict(g, lr=lr) for g in groups if g["named"]]
+        self.betas, self.eps = betas, eps
+        self.step_count = 0
+        self.state = {name: {"m": jt.zeros(p.shape, "float32"), "v": jt.zeros(p.shape, "float32")}
+                      for g in self.param_groups for name, p in g["named"]}
+
+    @property
+    def named_params(self):
+        return [np_ for g in self.param_groups for np_ in g["named"]]
+
+    def set_lr(self, lr):
+        for g in self.param_groups:
+            g["lr"] = lr
+
+    def step(self, grads):
+        """Apply one update; `grads` maps parameter name → gradient Var (already averaged over ranks)."""
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        touched = []
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for name, p in group["named"]:
+                g = grads[name].float32()
+                st = self.state[name]
+                m = st["m"] * b1 + g * (1.0 - b1)
+                v = st["v"] * b2 + g * g * (1.0 - b2)
+                # v is floored at a normal float before the sqrt: Jittor's CPU kernels run with flush-to-zero and
+                # fast math, where sqrt of a denormal v (a gradient ~1e-20) can come out NaN inside this fused
+                # expression. sqrt(V_FLOOR) is ~1e-10 of eps, so the update equals PyTorch's in fp32.
+                denom = v.maximum(V_FLOOR).sqrt() / bc2_sqrt + self.eps
+                new_p = p * (1.0 - lr * wd) - (m / denom) * (lr / bc1)
+                st["m"], st["v"] = m.detach(), v.detach()
+                p.update(new_p.cast(p.dtype))
+                touched += [p, st["m"], st["v"]]
+        jt.sync(touched)  # materialise now so no graph is carried into the next step
+
+    def state_dict(self):
+        return {"step": self.step_count,
+                "m": {n: s["m"].numpy().astype(np.float32) for n, s in self.state.items()},
+                "v": {n: s["v"].numpy().astype(np.float32) for n, s in self.state.items()}}
+
+    def load_state_dict(self, sd):
+        missing = set(self.state) ^ set(sd["m"])
+        if missing:
+            raise ValueError("optimizer state does not match the parameters (e.g. %s)" % sorted(missing)[0])
+        self.step_count = int(sd["step"])
+        for n, s in self.state.items():
+            if tuple(sd["m"][n].shape) != tuple(s["m"].shape):
+                raise ValueError("optimizer state for %s has shape %s, parameter has %s"
+                                 % (n, sd["m"][n].shape, tuple(s["m"].shape)))
+            s["m"] = jt.array(sd["m"][n].astype(np.float32))
+            s["v"] = jt.array(sd["v"][n].astype(np.float32))
+
+
+def global_norm(grads):
+    """sqrt(Σ‖g‖²) over a list of gradient Vars, as a Python float (one sync)."""
+    if not grads:
+        return 0.0
+    total = None
+    for g in grads:
+        s = (g.float32() * g.float32()).sum()
+        total = s if total is None else total + s
+    return math.sqrt(max(float(total.item()), 0.0))
+
+
+def clip_by_global_norm(grads, max_norm, norm=None):
+    """torch.nn.utils.clip_grad_norm_: scale every gradient by min(1, max_norm / (norm + 1e-6)).
+
+    Returns (clipped grads, the norm before clipping). The coefficient is computed on the host from a float norm,
+    so no division of an underflowing value happens inside a fused kernel.
+    """
+    norm = global_norm(grads) if norm is None else norm
+    coef = max_norm / (max(norm, NORM_FLOOR) + 1e-6)
+    if coef >= 1.0 or not math.isfinite(norm):
+        return list(grads), norm
+    return [g * coef for g in grads], norm
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 training on CUDA (torch.cuda.amp.GradScaler's rule): the loss is multiplied by
+    `scale` before backward; a step whose gradients hold inf/NaN is skipped and the scale halved; after
+    `growth_interval` good steps the scale doubles. Disabled (scale 1, never skips) for fp32 and bf16."""
+
+    def __init__(self, enabled, init_scale=2.0 ** 16, growth_interval=2000, backoff=0.5, growth=2.0):
+        self.enabled = bool(enabled)
+        self.scale = float(init_scale) if self.enabled else 1.0
+        self.growth_interval, self.backoff, self.growth = growth_interval, backoff, growth
+        self.good_steps = 0
+
+    def unscale_and_check(self, grads, norm):
+        """Divide the gradients by the scale; returns (grads, finite). `norm` is the scaled gradients' norm."""
+        if not self.enabled:
+            return grads, math.isfinite(norm)
+        finite = math.isfinite(norm)
+        return [g * (1.0 / self.scale) for g in grads], finite
+
+    def update(self, finite):
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale *= self.backoff
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth
+            self.good_steps = 0
+
+    def state_dict(self):
+        return {"enabled": self.enabled, "scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, sd):
+        self.enabled, self.scale, self.good_steps = bool(sd["enabled"]), float(sd["scale"]), int(sd["good_steps"])
