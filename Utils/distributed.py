@@ -1,37 +1,53 @@
-"""Data-parallel helpers for mpirun (the port's replacement of the reference's DDP set-up, SPEC §5.6).
+"""Data-parallel helpers for mpirun (the replacement of the reference's DDP set-up).
 
-Every function here is a collective: call it on *every* rank, in the same order (JITTOR_NOTES A4). Outside
-mpirun they are cheap no-ops. Only pure-Python I/O may sit behind `is_main_process()`.
+Gradients travel through Jittor's MPI ops (one flat float32 all-reduce per optimizer step). Everything on the host —
+float64 sums, gathering Python objects (predictions), broadcasting a decision from rank 0, barriers — goes
+through mpi4py on the same MPI world: Jittor calls MPI_Init when it is imported under mpirun, so mpi4py is told not
+to initialise or finalise MPI itself.
+
+Every function here is a collective: call it on *every* rank, in the same order. Outside mpirun they are cheap
+no-ops. Only pure-Python I/O may sit behind `is_main_process()`.
 """
 import numpy as np
 
 from Utils.runtime import import_jittor, is_main_process, rank, world_size  # noqa: F401  (re-exported)
+
+_comm = {"world": None}
 
 
 def in_mpi():
     return world_size() > 1
 
 
-def all_reduce_mean(values):
-    """Mean over ranks of a float vector (numpy in, numpy float64 out)."""
-    arr = np.asarray(values, dtype=np.float32).reshape(-1)
+def comm():
+    """mpi4py's COMM_WORLD, on the MPI that Jittor initialised (None outside mpirun)."""
     if not in_mpi():
-        return arr.astype(np.float64)
-    jt = import_jittor()
-    return jt.array(arr).mpi_all_reduce("mean").numpy().astype(np.float64)
+        return None
+    if _comm["world"] is None:
+        import_jittor()  # MPI_Init happens when Jittor's MPI extension loads
+        import mpi4py
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = False
+        from mpi4py import MPI
+        _comm["world"] = MPI.COMM_WORLD
+    return _comm["world"]
 
 
 def all_reduce_sum(values):
-    """Sum over ranks of a float vector, accumulated in float64 on the host so counts stay exact."""
+    """Sum over ranks of a float vector, in float64 on the host (counts stay exact)."""
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
-    if not in_mpi():
+    c = comm()
+    if c is None:
         return arr
-    # Jittor's MPI ops work on float32; split into high and low parts to keep ~1e-14 relative precision.
-    jt = import_jittor()
-    hi = arr.astype(np.float32)
-    lo = (arr - hi.astype(np.float64)).astype(np.float32)
-    out = jt.array(np.concatenate([hi, lo])).mpi_all_reduce("add").numpy().astype(np.float64)
-    return out[:arr.size] + out[arr.size:]
+    from mpi4py import MPI
+    out = np.empty_like(arr)
+    c.Allreduce(arr, out, op=MPI.SUM)
+    return out
+
+
+def all_reduce_mean(values):
+    """Mean over ranks of a float vector (numpy in, numpy float64 out)."""
+    return all_reduce_sum(values) / world_size()
 
 
 def all_reduce_grads_mean(grads):
@@ -49,7 +65,7 @@ def all_reduce_grads_mean(grads):
 
 
 def broadcast_params(params):
-    """Copy rank 0's values into every Var of `params` (same initial adapters everywhere)."""
+    """Copy rank 0's values into every Var of `params` (same initial weights everywhere)."""
     if not in_mpi():
         return
     jt = import_jittor()
@@ -58,13 +74,24 @@ def broadcast_params(params):
     jt.sync(list(params))
 
 
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable Python objects, e.g. predictions)."""
+    c = comm()
+    return [obj] if c is None else c.allgather(obj)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    c = comm()
+    return obj if c is None else c.bcast(obj, root=0)
+
+
 def main_decides(flag):
     """Rank 0's boolean, on every rank (e.g. "the output-dir lock was acquired")."""
-    if not in_mpi():
-        return bool(flag)
-    jt = import_jittor()
-    return bool(jt.array(np.array([1.0 if flag else 0.0], np.float32)).mpi_broadcast(0).item() > 0.5)
+    return bool(broadcast_object(bool(flag)))
 
 
 def barrier():
-    all_reduce_sum([0.0])
+    c = comm()
+    if c is not None:
+        c.Barrier()
