@@ -372,6 +372,8 @@ def train(args, margs, resume_path, jt, dist, seed_everything):
 
 
 def load_adapters(named, arrays, source, jt, np):
+    from Models.adapter_io import current_names
+    arrays = current_names(arrays)  # checkpoints from before the Top-K / AdaMoLE modules moved up to lora_X
     names = {n for n, _ in named}
     extra, missing = sorted(set(arrays) - names), sorted(names - set(arrays))
     if extra or missing:

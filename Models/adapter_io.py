@@ -2,10 +2,13 @@
 names (prefixed `llama.`) plus `adapter_params.json` beside it.
 
 We write `adapter.pth` in PyTorch's zip format without torch (Utils.checkpoint_io), so `torch.load` reads our
-files and we read theirs; keys are identical in both directions, no renaming.
+files and we read theirs; keys are identical in both directions, no renaming. One exception on reading: our own
+Top-K / AdaMoLE files written before the modules moved up to `lora_X` carry an extra `.expert.` level, which is
+dropped (`current_names`).
 """
 import json
 import os
+import re
 
 import numpy as np
 
@@ -22,6 +25,14 @@ OUR_KEYS = {"routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lo
             "lb_loss_coeff", "noisy_router"}
 # Block-level keys the sparse_moe reference creates but SPEC §3.6 does not use: ignored when loading topk/adamole.
 SPARSE_MOE_UNUSED = ("adapter_type_router", "adapter_threshold_fn", "adapter_noise_linear")
+_BLOCK_UNUSED = re.compile(r"^llama\.layers\.\d+\.(%s)\." % "|".join(SPARSE_MOE_UNUSED))
+# The Top-K / AdaMoLE module of a target sits at `lora_X` (reference layout): its router, AdaMoLE's threshold,
+# and the extra `.expert.` level of our files from before that layout.
+_TARGET = r"(\.lora_(?:Q|K|V|O|UP|GATE|DOWN))\."
+_TOPK_KEY = re.compile(_TARGET + r"router\.topkroute_linear\.")
+_ADAMOLE_KEY = re.compile(_TARGET + r"threshold_fn\.")
+_OLD_SPARSE_MOE = re.compile(_TARGET + r"expert\.")
+_EXPERT_INDEX = re.compile(_TARGET + r"experts\.(?P<e>\d+)\.")
 
 
 def _resolve(path):
@@ -41,6 +52,12 @@ def adapter_params_path(path):
     return _resolve(path)[1]
 
 
+def current_names(state):
+    """Adapter names as this code writes them: `lora_X.expert.<rest>` (our Top-K / AdaMoLE files before the
+    module moved up to `lora_X`, as in the reference) → `lora_X.<rest>`; every other key unchanged."""
+    return {_OLD_SPARSE_MOE.sub(r"\1.", k): v for k, v in state.items()}
+
+
 def read_adapter_state(path):
     from Utils import checkpoint_io
     weights, _ = _resolve(path)
@@ -49,16 +66,16 @@ def read_adapter_state(path):
         raise UserError("%s: expected a flat {name: tensor} dict of adapter weights" % weights)
     if "model" in state and isinstance(state["model"], dict):  # a full training checkpoint of the reference
         state = {k: v for k, v in state["model"].items() if any(s in k for s in ("lora", "prompt", "adapter"))}
-    return state
+    return current_names(state)
 
 
 def infer_routing(keys):
     """Which variant wrote these keys, when adapter_params.json does not say (SPEC §0 variants)."""
-    keys = list(keys)
+    keys = list(current_names(dict.fromkeys(keys)))
     has = lambda s: any(s in k for k in keys)  # noqa: E731
-    if has(".expert.router.topkroute_linear"):
+    if any(_TOPK_KEY.search(k) for k in keys):
         return "topk_moe"
-    if has(".expert.threshold_fn"):
+    if any(_ADAMOLE_KEY.search(k) for k in keys):
         return "adamole"
     if has("adapter_threshold_fn"):
         return "sparse_moa"
@@ -111,11 +128,25 @@ def load_adapter_config(path, routing=None):
     if not isinstance(params, dict):
         raise UserError("%s: expected a JSON object" % params_path)
     cfg = config_from_reference(params, params_path)
+    keys = []
+
+    def stored_keys():  # the weights file is read only when the JSON leaves something open
+        if not keys:
+            keys.extend(read_adapter_state(weights))
+        return keys
     if routing:
         cfg["routing"] = routing
     elif "routing" not in cfg:
-        cfg["routing"] = infer_routing(read_adapter_state(weights).keys())
+        cfg["routing"] = infer_routing(stored_keys())
+    if cfg["routing"] in ("topk_moe", "adamole") and "expert_num" not in cfg:
+        cfg["expert_num"] = count_experts(stored_keys()) or 1  # the reference's sparse_moe does not save it (§5.4)
     return cfg
+
+
+def count_experts(keys):
+    """E of a Top-K / AdaMoLE file: 1 + the highest `experts.<e>` index in its key names (0 when there is none)."""
+    found = [int(m.group("e")) for m in map(_EXPERT_INDEX.search, keys) if m]
+    return max(found) + 1 if found else 0
 
 
 def load_adapter_weights(model, path):
@@ -125,7 +156,7 @@ def load_adapter_weights(model, path):
     weights, _ = _resolve(path)
     state = read_adapter_state(weights)
     if model.args.routing in ("topk_moe", "adamole"):
-        state = {k: v for k, v in state.items() if not any(s in k for s in SPARSE_MOE_UNUSED)}
+        state = {k: v for k, v in state.items() if not _BLOCK_UNUSED.match(k)}
     params = dict(model.trainable_parameters())
     unexpected = sorted(set(state) - set(params))
     missing = sorted(set(params) - set(state))

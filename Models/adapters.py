@@ -2,8 +2,8 @@
 sparse MoE-LoRA forms (Top-K, AdaMoLE) with their load-balance loss.
 
 One interface: `delta = adapter(x)`; the block's route decides how the delta is weighted. Attribute names follow
-the reference (`lora_A`, `lora_B_l.{e}`, `down_proj`, `expert.router.topkroute_linear`, ...) so adapter files move
-between the two implementations without renaming.
+the reference (`lora_A`, `lora_B_l.{e}`, `down_proj`, `router.topkroute_linear`, `experts.{e}.lora_A`, ...) so
+adapter files move between the two implementations without renaming.
 """
 import math
 
@@ -127,14 +127,41 @@ def load_balance_loss(frac_counts, probs, n_tokens, expert_num):
     return expert_num * ((frac_counts / n_tokens) * (probs.sum(0) / n_tokens)).sum()
 
 
-class TopKMoE(nn.Module, _Recorder):
+FLT_MIN = 1.17549435e-38  # smallest normal float32
+
+
+def renormalise(w):
+    """w / Σ_e w per row; a row whose sum is 0 or denormal (|s| < FLT_MIN) is divided by 1 instead (SPEC §3.6:
+    "sum 0 → divide by 1"). Jittor's CPU kernels flush denormals, so a denormal divisor could become 0 (→ NaN)."""
+    s = w.sum(-1, keepdims=True)
+    return w / jt.ternary(s.abs() < FLT_MIN, jt.ones_like(s), s)
+
+
+class _SparseMoE(nn.Module, _Recorder):
+    """E LoRA experts on flattened tokens [N, in], mixed by per-token weights [N, E] (SPEC §3.6). The module is
+    the `lora_X` attribute itself, as in the reference: `lora_X.router.*`, `lora_X.experts.<e>.lora_{A,B}`."""
+
+    def _make_experts(self, in_features, out_features, rank, alpha, expert_num):
+        self.experts = nn.ModuleList([LoraExpert(in_features, out_features, rank, alpha) for _ in range(expert_num)])
+        self.expert_num = expert_num
+        self._lb_loss = None
+
+    def _mix(self, flat, w, shape):
+        self._remember(w.reshape(*shape[:-1], self.expert_num))
+        out = None
+        for e in range(self.expert_num):
+            term = self.experts[e](flat) * w[:, e:e + 1]
+            out = term if out is None else out + term
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class TopKMoE(_SparseMoE):
     """Top-K MoE-LoRA: p = softmax(router x); keep the top-k probabilities renormalised to sum 1."""
 
     def __init__(self, in_features, out_features, rank, alpha, expert_num, top_k, noisy):
         self.router = NoisyTopkRouter(in_features, expert_num, noisy)
-        self.experts = nn.ModuleList([LoraExpert(in_features, out_features, rank, alpha) for _ in range(expert_num)])
-        self.expert_num, self.top_k = expert_num, top_k
-        self._lb_loss = None
+        self._make_experts(in_features, out_features, rank, alpha, expert_num)
+        self.top_k = top_k
 
     def execute(self, x):
         shape = x.shape
@@ -146,18 +173,21 @@ class TopKMoE(nn.Module, _Recorder):
             sel = sel + (jt.arange(self.expert_num).reshape(1, -1) == idx[:, j:j + 1]).cast(p.dtype)
         sel = sel.stop_grad()
         w = p * sel
-        w = w / w.sum(-1, keepdims=True)
-        self._remember(w.reshape(*shape[:-1], self.expert_num))
+        w = w / w.sum(-1, keepdims=True)                              # ≥ the largest p ≥ 1/E: never small
         if self.is_training():
             self._lb_loss = load_balance_loss(sel.sum(0), p, flat.shape[0], self.expert_num)
-        out = None
-        for e in range(self.expert_num):
-            term = self.experts[e](flat) * w[:, e:e + 1]
-            out = term if out is None else out + term
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return self._mix(flat, w, shape)
 
 
-class AdaMoLE(nn.Module, _Recorder):
+def adamole_weights(g, tau):
+    """AdaMoLE's expert weights from the router softmax g [N, E] and the threshold τ [N, 1]: a = g − τ,
+    m = 1[a ≥ 0], w = renormalise(a·m). Returns (w, a, m); a and m feed the load-balance loss."""
+    a = g - tau
+    m = (a >= 0).cast(a.dtype).stop_grad()
+    return renormalise(a * m), a, m
+
+
+class AdaMoLE(_SparseMoE):
     """AdaMoLE: g = softmax(router x); τ = σ(threshold_fn x)/E; w = (g−τ)·1[g≥τ], renormalised (sum 0 → 1)."""
 
     def __init__(self, in_features, out_features, rank, alpha, expert_num, noisy):
@@ -166,9 +196,7 @@ class AdaMoLE(nn.Module, _Recorder):
         if noisy:
             self.noise_linear = linear(in_features, expert_num)
         self.threshold_fn = linear(in_features, 1)
-        self.experts = nn.ModuleList([LoraExpert(in_features, out_features, rank, alpha) for _ in range(expert_num)])
-        self.expert_num = expert_num
-        self._lb_loss = None
+        self._make_experts(in_features, out_features, rank, alpha, expert_num)
 
     def execute(self, x):
         shape = x.shape
@@ -177,33 +205,19 @@ class AdaMoLE(nn.Module, _Recorder):
         if self.noisy:
             logits = logits + jt.randn(logits.shape) * nn.softplus(self.noise_linear(flat))
         g = nn.softmax(logits, dim=-1)
-        tau = jt.sigmoid(self.threshold_fn(flat)) / self.expert_num
-        a = g - tau
-        m = (a >= 0).cast(a.dtype).stop_grad()
-        w = a * m
-        s = w.sum(-1, keepdims=True)
-        w = w / jt.ternary(s == 0, jt.ones_like(s), s)
-        self._remember(w.reshape(*shape[:-1], self.expert_num))
+        w, a, m = adamole_weights(g, jt.sigmoid(self.threshold_fn(flat)) / self.expert_num)
         if self.is_training():
             self._lb_loss = load_balance_loss(m.sum(0), a, flat.shape[0], self.expert_num)
-        out = None
-        for e in range(self.expert_num):
-            term = self.experts[e](flat) * w[:, e:e + 1]
-            out = term if out is None else out + term
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return self._mix(flat, w, shape)
 
 
-class SparseMoELoraLayer(nn.Module):
-    """Holder matching the reference's `lora_X.expert.*` key layout for Top-K and AdaMoLE."""
-
-    def __init__(self, in_features, out_features, rank, alpha, expert_num, routing, top_k=1, noisy=False):
-        if routing == "topk_moe":
-            self.expert = TopKMoE(in_features, out_features, rank, alpha, expert_num, top_k, noisy)
-        else:
-            self.expert = AdaMoLE(in_features, out_features, rank, alpha, expert_num, noisy)
-
-    def execute(self, x):
-        return self.expert(x)
+def SparseMoELoraLayer(in_features, out_features, rank, alpha, expert_num, routing, top_k=1, noisy=False):
+    """The sparse MoE-LoRA module of one target: a TopKMoE (routing 'topk_moe') or an AdaMoLE ('adamole'),
+    attached directly as `lora_X` so its keys are the reference's (`lora_X.router.topkroute_linear.weight`,
+    `lora_X.threshold_fn.bias`, `lora_X.experts.0.lora_A.weight`, ...)."""
+    if routing == "topk_moe":
+        return TopKMoE(in_features, out_features, rank, alpha, expert_num, top_k, noisy)
+    return AdaMoLE(in_features, out_features, rank, alpha, expert_num, noisy)
 
 
 # ---------------------------------------------------------------------------- parallel adapter

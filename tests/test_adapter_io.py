@@ -2,6 +2,7 @@
 trip, reference-style files, routing inference, strict key/shape checking, and interchange with real PyTorch."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -215,3 +216,118 @@ def test_torch_saved_reference_file_loads(jt, tmp_path, name):
     for n, v in model.adapter_state_dict().items():
         expect = torch.from_numpy(arrays[n]).to(torch.bfloat16).float().numpy()
         assert np.array_equal(v, expect), n
+
+
+# ------------------------------------------------------------------------------------------- the reference's sparse_moe
+# Module paths of the LoRA targets in the reference's blocks, and the reference's adapter_params.json for sparse_moe
+# (SPEC §5.4: the common keys plus noisy_router, top_k, adamole, lb_loss_coeff — no routing, no expert_num).
+TARGET_PATHS = {"Q": "attention.lora_Q", "K": "attention.lora_K", "V": "attention.lora_V", "O": "attention.lora_O",
+                "FFN_UP": "feed_forward.lora_UP", "FFN_DOWN": "feed_forward.lora_DOWN"}
+SPARSE_MOE = dict(TINY, lora_layers="0-2", lora_rank=4, lora_alpha=8, lora_targets="Q,K,V,O,FFN_UP,FFN_DOWN",
+                  expert_num=4, top_k=2)
+
+
+def official_sparse_moe_keys(args, adamole, noisy):
+    """{key: shape} of an adapter.pth written by the reference's LLaMA3_sparse_moe, spelled out from its module
+    definitions (SparseLoRAMoE: router = NoisyTopkRouter(topkroute_linear[, noise_linear]); AdaMoLE: router,
+    threshold_fn[, noise_linear]; both: experts = ModuleList of LoraLayer(lora_A, lora_B)), not from our modules."""
+    d, dkv, F = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    dims = {"Q": (d, d), "K": (d, dkv), "V": (d, dkv), "O": (d, d), "FFN_UP": (d, F), "FFN_DOWN": (F, d)}
+    E, r = args.expert_num, args.lora_rank
+    keys = {}
+    for layer in args.lora_layers:
+        for t in args.lora_targets:
+            n_in, n_out = dims[t]
+            p = "llama.layers.%d.%s." % (layer, TARGET_PATHS[t])
+            router = p + ("router." if adamole else "router.topkroute_linear.")
+            keys.update({router + "weight": (E, n_in), router + "bias": (E,)})
+            if adamole:
+                keys.update({p + "threshold_fn.weight": (1, n_in), p + "threshold_fn.bias": (1,)})
+            if noisy:
+                noise = p + ("noise_linear." if adamole else "router.noise_linear.")
+                keys.update({noise + "weight": (E, n_in), noise + "bias": (E,)})
+            for e in range(E):
+                keys[p + "experts.%d.lora_A.weight" % e] = (r, n_in)
+                keys[p + "experts.%d.lora_B.weight" % e] = (n_out, r)
+    return keys
+
+
+def official_params(args, adamole, noisy):
+    return {"w_bias": False, "lora_layers": "0-2", "lora_rank": args.lora_rank,
+            "lora_targets": ",".join(args.lora_targets), "lora_alpha": args.lora_alpha, "swi_x": 0,
+            "p_adapter_layers": "0-0", "p_adapter_size": 16, "p_adapter_hydra": False, "prompt_layers": "0-0",
+            "prompt_len": 10, "max_seq_len": args.max_seq_len, "flash_attention2": False, "bf16": True,
+            "noisy_router": noisy, "top_k": args.top_k, "adamole": adamole, "lb_loss_coeff": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A base checkpoint of TINY's shape with the real tokenizer (from_pretrained checks the vocabulary)."""
+    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    d = str(tmp_path_factory.mktemp("sparse_moe_base"))
+    make_tiny_checkpoint(d, dim=TINY["dim"], n_layers=TINY["n_layers"], n_heads=TINY["n_heads"],
+                         n_kv_heads=TINY["n_kv_heads"], multiple_of=TINY["multiple_of"])
+    return d
+
+
+@pytest.mark.parametrize("adamole,noisy,block_extras", [(False, False, False), (False, True, True),
+                                                        (True, False, True), (True, True, False)])
+def test_official_sparse_moe_file_loads(jt, tmp_path, tiny_base, adamole, noisy, block_extras):
+    """The reference's own key list (issue 13: these files failed with 'unexpected tensor ...lora_K.experts.0...'),
+    its adapter_params.json, through from_pretrained: every tensor lands under the same name with the same value."""
+    from Models.llama_adapter import LLaMA_adapter
+    args = ModelArgs.create(dict(SPARSE_MOE, vocab_size=128256, noisy_router=noisy,
+                                 routing="adamole" if adamole else "topk_moe"))
+    shapes = official_sparse_moe_keys(args, adamole, noisy)
+    rng = np.random.default_rng(11)
+    arrays = {k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in shapes.items()}
+    stored = dict(arrays)
+    if block_extras:  # block-level modules the reference builds but never uses (SPARSE_MOE_UNUSED): ignored
+        for layer in args.lora_layers:
+            stored["llama.layers.%d.adapter_type_router.weight" % layer] = np.ones((6, args.dim), np.float32)
+            stored["llama.layers.%d.adapter_threshold_fn.weight" % layer] = np.ones((1, args.dim), np.float32)
+    checkpoint_io.write_torch_pth(str(tmp_path / "adapter.pth"), stored)
+    with open(tmp_path / "adapter_params.json", "w") as f:
+        json.dump(official_params(args, adamole, noisy), f)
+    model = LLaMA_adapter.from_pretrained(tiny_base, adapter_path=str(tmp_path))
+    assert model.args.routing == args.routing and model.args.expert_num == 4 and model.args.top_k == 2
+    assert model.args.noisy_router == noisy
+    ours = model.adapter_state_dict()
+    assert sorted(ours) == sorted(arrays)
+    for k, v in arrays.items():
+        assert np.array_equal(ours[k], v), k
+    assert np.isfinite(model.logits(TOKENS)).all()
+    # and what we write back is the reference's key list again
+    from Models.adapter_io import save_adapter
+    save_adapter(model, str(tmp_path / "again"))
+    assert sorted(checkpoint_io.read_torch_pth(str(tmp_path / "again" / "adapter.pth"))) == sorted(shapes)
+
+
+@pytest.mark.parametrize("name", ["topk_moe_e4_k2", "adamole_e4"])
+def test_old_files_with_expert_level_still_load(jt, tmp_path, tiny_base, name):
+    """Our Top-K / AdaMoLE files written before the modules moved up to lora_X (`lora_X.expert.router...`)."""
+    from Models.adapter_io import infer_routing, save_adapter
+    from Models.llama_adapter import LLaMA_adapter
+    model = build(name, 1, vocab_size=128256)
+    randomize_adapters(jt, model, seed=3)
+    save_adapter(model, str(tmp_path))
+    new = checkpoint_io.read_torch_pth(str(tmp_path / "adapter.pth"))
+    old = {re.sub(r"\.(lora_[A-Z]+)\.", r".\1.expert.", k, count=1): v for k, v in new.items()}
+    assert all(".expert." in k for k in old) and len(old) == len(new)
+    checkpoint_io.write_torch_pth(str(tmp_path / "adapter.pth"), old)
+    assert infer_routing(old) == model.args.routing
+    loaded = LLaMA_adapter.from_pretrained(tiny_base, adapter_path=str(tmp_path))
+    for k, v in loaded.adapter_state_dict().items():
+        assert np.array_equal(v, new[k]), k
+
+
+def test_sparse_moe_modules_sit_at_lora_x(jt):
+    """No extra level between the target and the MoE module; SparseMoELoraLayer still builds it."""
+    from Models import AdaMoLE, SparseMoELoraLayer, TopKMoE
+    model = build("topk_moe_e4_k2", 1)
+    assert isinstance(model.llama.layers[0].attention.lora_K, TopKMoE)
+    assert isinstance(SparseMoELoraLayer(8, 8, 2, 4, 3, "adamole"), AdaMoLE)
+    names = [n for n, _ in model.trainable_parameters()]
+    assert "llama.layers.0.attention.lora_K.router.topkroute_linear.weight" in names
+    assert "llama.layers.1.feed_forward.lora_DOWN.experts.3.lora_B.weight" in names
+    assert not any(".expert." in n for n in names)

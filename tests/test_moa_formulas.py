@@ -331,6 +331,26 @@ def test_adamole_all_zero_row_divides_by_one(jt, rng):
     assert np.all(mod._last_weights.numpy() == 0)
 
 
+def test_adamole_weights_with_a_denormal_sum(jt):
+    """A row whose Σ w is a float32 denormal (< FLT_MIN) is divided by 1, never by the denormal: under flush-to-
+    zero that divisor can act as 0 and give inf/NaN. Rows with normal sums are renormalised as before."""
+    from Models.adapters import FLT_MIN, adamole_weights
+    # Built from bits: once Jittor has run, this process flushes denormals (np.float32(1e-39) would already be 0).
+    tiny = 713623                                                       # ≈ 1e-39: zero exponent, non-zero mantissa
+    g = np.array([[tiny, 0, 0, 0], [tiny, tiny, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.uint32).view(np.float32)
+    g[2] = [0.4, 0.3, 0.2, 0.1]
+    assert g.view(np.uint32)[0, 0] == tiny
+    tau = np.array([[0], [0], [0.25], [0]], np.float32)
+    w = adamole_weights(jt.array(g), jt.array(tau))[0].numpy()
+    a = g.astype(np.float64) - tau
+    wm = a * (a >= 0)
+    s = wm.sum(-1, keepdims=True)
+    ref = wm / np.where(np.abs(s) < FLT_MIN, 1.0, s)
+    assert np.isfinite(w).all()
+    np.testing.assert_allclose(w, ref, rtol=1e-6, atol=1e-30)            # 1e-39 or a flushed 0 both pass
+    np.testing.assert_allclose(w[2], [0.15 / 0.20, 0.05 / 0.20, 0, 0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_load_balance_perfect_balance_and_collapse(jt, rng, k):
     from Models.adapters import TopKMoE
