@@ -10,11 +10,11 @@ check the rows/columns. The .pkl schemas are documented in Utils/routing_dump.py
 """
 import glob
 import os
-import pickle
 import struct
 
 import numpy as np
 
+from Utils import safe_pickle
 from Utils.cli import Parser
 from Utils.errors import UserError, cli_main
 
@@ -28,11 +28,7 @@ def load_pickle(path, kind):
         raise UserError("%s: file not found" % path)
     if os.path.getsize(path) == 0:
         raise UserError("%s: empty file (expected a %s_weight .pkl written by inference.py)" % (path, kind))
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except Exception as e:  # unpickling can raise almost anything on a corrupt file
-        raise UserError("%s: not a readable pickle (%s: %s)" % (path, type(e).__name__, str(e)[:80]))
+    data = safe_pickle.load(path, "%s_weight dump" % kind)  # no code runs, whatever the file holds
     check = _check_type_weight if kind == "type" else _check_token_weight
     try:
         check(data)

@@ -2,7 +2,8 @@
 
 `RoutingCollector` is the `on_step` hook of one `model.generate` call: after every forward (prefill chunk, then one
 token per step) it keeps `get_routing_records(model)`. When the call returns, the accumulators turn those records
-into the two dump files, both plain pickles of dicts / lists of numpy arrays (`pickle.load` needs numpy only).
+into the two dump files, both plain pickles of dicts / lists of numpy arrays, read back with
+`Utils.safe_pickle.load` (which refuses anything else, so a dump handed to a colleague cannot run code).
 
 type_weight.pkl (`TypeWeightStats`, reference `route_stats.pth`)::
 
@@ -36,6 +37,7 @@ token_weight.pkl (`TokenWeightDump`, reference `router_case.pth`): a list with o
     §11.13): the examples are generated one at a time with one extra decoding step, so the last generated token is
     also read once; only when max_seq_len left no room for that step is its row NaN.
 """
+import copy
 import os
 import pickle
 
@@ -160,7 +162,7 @@ class TypeWeightStats:
         out = None
         for s in states:
             if out is None:
-                out = pickle.loads(pickle.dumps(s))
+                out = copy.deepcopy(s)
                 continue
             out["token_num"] += s["token_num"]
             out["num_examples"] += s["num_examples"]

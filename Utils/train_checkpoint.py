@@ -2,7 +2,8 @@
 
 A checkpoint is one pickle of numpy arrays and Python values: adapter weights, AdamW moments and step count,
 the position in the data (epoch, next micro-step), the schedule's inputs, RNG states, per-epoch running sums,
-best-validation bookkeeping and the resolved configuration. It is written to a temporary file in the same
+best-validation bookkeeping and the resolved configuration — read back by Utils.safe_pickle, which admits nothing
+else. It is written to a temporary file in the same
 directory and renamed over the old one, so a crash at any moment leaves the previous checkpoint loadable.
 """
 import os
@@ -12,6 +13,7 @@ import socket
 
 import numpy as np
 
+from Utils import safe_pickle
 from Utils.errors import UserError
 
 FORMAT = "moa-jittor-train-checkpoint"
@@ -58,11 +60,7 @@ def load_train_checkpoint(path):
         path = os.path.join(path, LAST)
     if not os.path.isfile(path):
         raise UserError("%s: training checkpoint not found" % path)
-    try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
-        raise UserError("%s: not a readable training checkpoint (%s)" % (path, e))
+    state = safe_pickle.load(path, "training checkpoint")  # a checkpoint handed over cannot run code
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError("%s: not a moa-jittor training checkpoint" % path)
     if state.get("version") != VERSION:

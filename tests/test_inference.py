@@ -6,7 +6,6 @@ compiled kernels are reused between them.
 """
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from Utils import safe_pickle  # the project's own dumps must pass the restricted loader
 
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 COMMON = ["--max_examples", "3", "--max_batch_size", "1", "--max_gen_len", "12", "--temperature", "0",
@@ -95,7 +95,7 @@ def test_dump_schema(assets, full_run):
     from Dataset.records import load_records
     from Models.tokenizer import Tokenizer
     d = os.path.dirname(full_run["out"])
-    tw = pickle.load(open(os.path.join(d, "AddSub_type_weight.pkl"), "rb"))
+    tw = safe_pickle.load(os.path.join(d, "AddSub_type_weight.pkl"))
     assert set(tw) >= {"routing", "labels", "layers", "token_num", "expert_sums"}
     assert tw["routing"] == "sparse_moa" and sorted(tw["layers"]) == [0, 1]
     labels = ["LoRA-Q", "LoRA-K", "LoRA-V", "LoRA-O", "LoRA-DOWN", "PAdapter"]
@@ -109,7 +109,7 @@ def test_dump_schema(assets, full_run):
         assert np.all(mean >= 0) and np.all(mean <= 1)
     # tokens read: the prompt plus all generated tokens but the last one (its own position is never read)
     assert sum(prompt_lens) <= tw["token_num"] <= sum(prompt_lens) + 3 * 11
-    cases = pickle.load(open(os.path.join(d, "AddSub_token_weight.pkl"), "rb"))
+    cases = safe_pickle.load(os.path.join(d, "AddSub_token_weight.pkl"))
     assert len(cases) == 1
     e = cases[0]
     assert set(e) >= {"layers", "words", "labels", "experts"} and e["index"] == 0
@@ -185,8 +185,8 @@ def test_two_ranks_equal_one(assets, full_run):
     assert res.stdout.count("AddSub Accuracy") == 1  # only rank 0 prints
     assert [r["generate"] for r in _lines(out)] == [r["generate"] for r in _lines(full_run["out"])]
     assert open(out).read() == open(full_run["out"]).read()
-    one = pickle.load(open(os.path.join(os.path.dirname(full_run["out"]), "AddSub_type_weight.pkl"), "rb"))
-    two = pickle.load(open(os.path.join(os.path.dirname(out), "AddSub_type_weight.pkl"), "rb"))
+    one = safe_pickle.load(os.path.join(os.path.dirname(full_run["out"]), "AddSub_type_weight.pkl"))
+    two = safe_pickle.load(os.path.join(os.path.dirname(out), "AddSub_type_weight.pkl"))
     assert two["token_num"] == one["token_num"]
     for layer in one["layers"]:
         np.testing.assert_allclose(two["layers"][layer]["sum_weights"], one["layers"][layer]["sum_weights"],

@@ -49,8 +49,8 @@ def _log(out_dir, kinds=("train", "val", "epoch")):
 
 
 def _last_adapters(out_dir):
-    with open(os.path.join(out_dir, "checkpoint-last.pkl"), "rb") as f:
-        return pickle.load(f)["adapters"]
+    from Utils.train_checkpoint import load_train_checkpoint  # real checkpoints pass the restricted unpickler
+    return load_train_checkpoint(os.path.join(out_dir, "checkpoint-last.pkl"))["adapters"]
 
 
 def _max_diff(a, b):
