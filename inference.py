@@ -1,6 +1,6 @@
 """Inference and scoring on the math / commonsense test sets (SPEC §7, §8; decisions D8, D9, D10 of §13).
 
-    python inference.py --ckpt_dir CKPT --adapter_path ADAPTER_DIR --data_path ../shared/data/math/AddSub/test.json \
+    python inference.py --ckpt_dir CKPT --adapter_path ADAPTER_DIR --data_path data/math/AddSub/test.json \
         --save_path out/AddSub.jsonl [--max_gen_len 128 --min_gen_len 30 --max_batch_size 32 --temperature 0.1]
     mpirun -np 2 python inference.py ...                  # each rank generates a contiguous shard
     python inference.py --score_only --save_path out/AddSub.jsonl [--dataset AddSub]

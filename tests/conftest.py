@@ -1,4 +1,4 @@
-"""Shared test set-up: project root on sys.path, Jittor started the project's way, shared data location."""
+"""Shared test set-up: project root on sys.path, Jittor started the project's way, the repository's test sets."""
 import os
 import sys
 
@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+DATA = os.path.join(ROOT, "data")  # the public test sets shipped with the repository (data/README.md)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def shared_data():
-    if not os.path.isdir(SHARED_DATA):
-        pytest.skip("../shared/data is not present beside the project")
-    return SHARED_DATA
+    """The repository's data/ directory. Never skipped: a clone without its test sets is incomplete."""
+    for sub in ("math", "math_14k", "commonsense"):
+        assert os.path.isdir(os.path.join(DATA, sub)), "data/%s is missing from the repository" % sub
+    return DATA

@@ -175,6 +175,10 @@ def test_missing_file(tmp_path):
 
 
 def test_shared_sets_load_strictly(shared_data):
+    counts = {"AddSub": 395, "AQuA": 254, "gsm8k": 1319, "MultiArith": 600, "SingleEq": 508, "SVAMP": 1000,
+              "math_14k": 486}                                         # data/README.md
+    got = {os.path.basename(os.path.dirname(p)): len(load_records(p)) for p in _math_files(shared_data)}
+    assert got == counts
     for path in _math_files(shared_data):
         recs = load_records(path, require_output=True, require_answer=True)
         assert recs and all(r["input"] == "" for r in recs)

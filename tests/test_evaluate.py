@@ -140,3 +140,20 @@ def test_own_outputs_score_as_the_rules_imply(shared_data, aqua_rule):
         assert [r["correct"] for r in scored] == expected, name
         assert acc == sum(expected) / len(recs)
         assert 0.3 < acc < 1.0, (name, acc)
+
+
+COMMONSENSE_COUNTS = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "winogrande": 1267, "ARC-Challenge": 1172,
+                      "ARC-Easy": 2376, "openbookqa": 500}
+
+
+def test_commonsense_sets_ship_and_score_their_gold_outputs(shared_data):
+    """data/commonsense (data/README.md counts): each set loads strictly, is recognised by its directory name, and
+    its `output` ("the correct answer is X") scores 100%: the answer word is what the extraction rule finds."""
+    paths = sorted(glob.glob(os.path.join(shared_data, "commonsense", "*", "test.json")))
+    found = {dataset_name_from_path(p): p for p in paths}
+    assert {n: len(load_records(p, require_output=True, require_answer=True)) for n, p in found.items()} \
+        == COMMONSENSE_COUNTS
+    for name, path in found.items():
+        recs = [dict(r, generate=r["output"]) for r in load_records(path, require_answer=True)]
+        scored, acc = score_records(name, recs)
+        assert acc == 1.0, (name, [r["output"] for r in scored if not r["correct"]][:3])
