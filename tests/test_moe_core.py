@@ -528,6 +528,23 @@ def test_aux_gradient_reaches_only_the_router_and_terms_follow_coefficients(jt, 
         assert (np.abs(g.numpy()).max() > 0) == name.startswith("router."), name
 
 
+def test_denormal_and_extreme_inputs_stay_finite(jt, moe):
+    """Flush-to-zero / fast math: every sqrt, log and division of the core is clamped first (JITTOR_NOTES)."""
+    tiny = np.full((4, 6), 1e-40, np.float32)                                            # float32 denormals
+    cos = moe["m"].CosineRouter(6, 3, 4)
+    assert np.isfinite(cos(jt.array(tiny)).numpy()).all()
+    z = np.array([[0.0, -100.0, -100.0, -100.0]] * 8, np.float32)                       # p ≈ 4e-44: denormal
+    z[4:, :] = z[4:, ::-1]
+    for kw in (dict(scoring="softmax_topk"), dict(scoring="topk_softmax"), dict(capacity_factor=0.5)):
+        sels = [_sel(moe, z, num_experts=4, top_k=2, group_size=4, **kw)]
+        assert all(np.isfinite(v) for v in _losses(moe, sels).values())
+        assert np.isfinite(_np(sels[0].weight)).all()
+    layer = _layer(jt, num_experts=4, top_k=2, router="gmm", router_hidden=4)
+    y = layer(jt.array(np.full((1, 3, 8), 1e-40, np.float32)))
+    g = jt.grad((y * y).sum() + moe["al"].mi_loss([layer.pop_selection()]), [p for _, p in layer.named_parameters()])
+    assert np.isfinite(y.numpy()).all() and all(np.isfinite(v.numpy()).all() for v in g)
+
+
 # ------------------------------------------------------------------------------------------------ layer
 def test_layer_selection_recording_and_eval_determinism(jt, moe):
     layer = _layer(jt, num_experts=4, top_k=2, jitter=0.1, noisy_gating=True, router_dropout=0.2,
