@@ -6,10 +6,13 @@ The paths are switched through Models.moe.experts._GROUPED_ON (what MOA_GROUPED_
 record, "dense", runs every expert on every token (E/k times the expert FLOPs), the graph-static alternative
 JITTOR_NOTES A8 mentions. Backward = jt.grad of Σ y·R w.r.t. x, the expert weights and the router weight.
 
-Records "moe_experts", one per path: path, tokens, d, experts, top_k, expert_hidden, fwd_ms / fwd_bwd_ms (median
-over --rounds alternating rounds of the median of --reps after --warmup), build_ms (Python time to build the forward+backward graph before the sync: the
-fall-back's host sync shows up here), expert_gflops (fwd+bwd expert matmul FLOPs of the routed assignments /
-fwd_bwd time), ratio_to_kernel / fwd_ratio_to_kernel (this path's time / the kernel's), plus the machine's matmul peak.
+Records "moe_experts", one per path: path, tokens, d, experts, top_k, expert_hidden, rounds, fwd_ms / fwd_bwd_ms
+(median over --rounds alternating rounds of the median of --reps after --warmup), build_ms (Python time to build
+the forward+backward graph before the sync: the fall-back's host sync shows up here), expert_gflops (fwd+bwd expert
+matmul FLOPs of the routed assignments / fwd_bwd time), ratio_to_kernel / fwd_ratio_to_kernel (this path's time /
+the kernel's), matmul_peak_gflops (the machine's fp32 matmul peak, measured first).
+
+On a shared machine, OMP_NUM_THREADS=1 gives steadier numbers (2-thread OpenMP barriers wait for preempted threads).
 
 Standard shape:  python bench/moe_experts.py           (N = 1024 tokens, d 512, E 8, k 2, F 1024, SwiGLU)
 """

@@ -96,7 +96,8 @@ class MoEConfig:
             if f.name in _TUPLE_FIELDS or (v is None and f.name in _OPTIONAL_INTS):
                 continue
             if isinstance(default, bool) or default is None:
-                ok = isinstance(v, bool) if isinstance(default, bool) else (isinstance(v, int) and not isinstance(v, bool))
+                ok = isinstance(v, bool) if isinstance(default, bool) else \
+                    (isinstance(v, int) and not isinstance(v, bool))
             elif isinstance(default, int):
                 ok = isinstance(v, int) and not isinstance(v, bool)
             elif isinstance(default, float):
@@ -136,14 +137,16 @@ class MoEConfig:
             need(all(s >= 1 for s in self.expert_sizes), "expert_sizes: %r must be positive" % (self.expert_sizes,))
             need(self.experts_per_layer is None or set(self.experts_per_layer) == {self.num_experts},
                  "expert_sizes: cannot be combined with experts_per_layer of other counts")
-        need(self.hidden_act in EXPERT_ACTS, "hidden_act: %r is not one of %s" % (self.hidden_act, ", ".join(EXPERT_ACTS)))
+        need(self.hidden_act in EXPERT_ACTS,
+             "hidden_act: %r is not one of %s" % (self.hidden_act, ", ".join(EXPERT_ACTS)))
         need(self.shared_experts >= 0, "shared_experts: %r must be >= 0" % self.shared_experts)
         need(self.shared_hidden is None or self.shared_hidden >= 1,
              "shared_hidden: %r must be positive" % (self.shared_hidden,))
         need(not self.shared_gate or self.shared_experts > 0, "shared_gate: needs shared_experts > 0")
         need(self.router in ROUTERS, "router: %r is not one of %s" % (self.router, ", ".join(ROUTERS)))
         need(self.router_hidden >= 1, "router_hidden: %r must be positive" % self.router_hidden)
-        need(self.router_act in ROUTER_ACTS, "router_act: %r is not one of %s" % (self.router_act, ", ".join(ROUTER_ACTS)))
+        need(self.router_act in ROUTER_ACTS,
+             "router_act: %r is not one of %s" % (self.router_act, ", ".join(ROUTER_ACTS)))
         need(0.0 <= self.router_dropout < 1.0, "router_dropout: %r must be in [0, 1)" % self.router_dropout)
         need(self.scoring in SCORINGS, "scoring: %r is not one of %s" % (self.scoring, ", ".join(SCORINGS)))
         need(self.noise_eps > 0, "noise_eps: %r must be > 0 (it bounds the noise std away from 0)" % self.noise_eps)
@@ -160,7 +163,8 @@ class MoEConfig:
             need(v >= 0 and math.isfinite(v), "%s: %r must be >= 0" % (name, v))
         need(self.aux_switch_form in SWITCH_FORMS,
              "aux_switch_form: %r is not one of %s" % (self.aux_switch_form, ", ".join(SWITCH_FORMS)))
-        need(self.aux_reduce in AUX_REDUCES, "aux_reduce: %r is not one of %s" % (self.aux_reduce, ", ".join(AUX_REDUCES)))
+        need(self.aux_reduce in AUX_REDUCES,
+             "aux_reduce: %r is not one of %s" % (self.aux_reduce, ", ".join(AUX_REDUCES)))
 
     # ---- placement
     def moe_layer_ids(self, n_layers):

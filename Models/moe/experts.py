@@ -1,10 +1,11 @@
 """Experts of the MoE core: E feed-forward experts of per-expert widths in stacked weights, and shared experts.
 
 Layout (one matrix per projection, experts stacked along rows; expert e owns rows offsets[e]:offsets[e+1]):
-`w1` [ΣF_e, d] gate (or the plain FFN's input projection), `w3` [ΣF_e, d] up (gated experts only), `w2` [ΣF_e, d]
-down, stored transposed so that expert e computes y = act(x·w1_eᵀ)(·x·w3_eᵀ)·w2_e. The dense FFN's Linear weights
-map onto it directly (`from_dense`): upcycling copies them into every expert, MoEfication gives expert e the rows
-S_e of the gate/up weights and the columns S_e of the down weight, so the experts' sum is the dense FFN.
+`w1` [ΣF_e, d] gate (or the plain FFN's input projection), `w3` [ΣF_e, d] up (gated experts only), `w2`
+[ΣF_e, d] down, stored transposed so that expert e computes y = act(x·w1_eᵀ)(·x·w3_eᵀ)·w2_e. The dense FFN's
+Linear weights map onto it directly (`from_dense`): upcycling copies them into every expert, MoEfication gives
+expert e the rows S_e of the gate/up weights and the columns S_e of the down weight, so the experts' sum is the
+dense FFN.
 
 `forward_sorted(x_sorted, offsets)` runs every expert on its contiguous block of rows (the dispatcher sorts them).
 On CPU in fp32 it is one JIT kernel each way (`_GroupedFFN`): dnnl_sgemm per expert block straight on the stacked
@@ -41,7 +42,10 @@ _ACT_C = {
 def _header(act):
     f, df = _ACT_C[act]
     return ("#include <cmath>\n#include <cstring>\n#include <vector>\n" + DNNL_SGEMM_DECL + r"""
-static inline float moe_sigmoid(float a) { const float e = expf(-fabsf(a)), inv = 1.f / (1.f + e); return a < 0.f ? e * inv : inv; }
+static inline float moe_sigmoid(float a) {
+    const float e = expf(-fabsf(a)), inv = 1.f / (1.f + e);
+    return a < 0.f ? e * inv : inv;
+}
 static inline float moe_act(float a) { %s }
 static inline float moe_dact(float a) { %s }
 // offsets must rise from 0 to at most M, or nothing is computed (bad offsets must not touch foreign memory)
