@@ -2,7 +2,7 @@
 """MoE core: one MoEFeedForward layer (router → select → dispatch → experts), forward and forward+backward time of
 the grouped CPU expert kernel vs. its Jittor fall-back (per-expert slices after a host sync), in one process.
 
-The paths are switched through Models.moe.experts._GROUPED_ON (what MOA_GROUPED_EXPERTS=0 sets at import). A third
+The paths are switched through Models.kernel_config.KERNELS.grouped_experts (what MOA_GROUPED_EXPERTS=0 sets). A third
 record, "dense", runs every expert on every token (E/k times the expert FLOPs), the graph-static alternative
 JITTOR_NOTES A8 mentions. Backward = jt.grad of Σ y·R w.r.t. x, the expert weights and the router weight.
 
@@ -55,9 +55,9 @@ def main(argv=None):
     setup_output()
     jt = jittor()
     import numpy as np
-    import Models.moe.experts as ex
     from Models.moe import MoEConfig, MoEFeedForward
     from Models.moe.dispatch import dense_reference
+    from Models.kernel_config import KERNELS
 
     jt.set_global_seed(ns.seed)
     cfg = MoEConfig(num_experts=ns.experts, top_k=ns.top_k, expert_hidden=ns.expert_hidden)
@@ -81,7 +81,7 @@ def main(argv=None):
     times = {path: {"fwd": [], "fwd_bwd": [], "build": []} for path in paths}
     for r in range(ns.rounds):                                          # alternate: a busy machine drifts
         for path in paths:
-            ex._GROUPED_ON = path != "fallback"
+            KERNELS.grouped_experts = path != "fallback"
             build = [0.0]
 
             def fwd():

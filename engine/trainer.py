@@ -17,7 +17,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 

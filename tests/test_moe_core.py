@@ -13,6 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from Models.kernel_config import KERNELS
+
 from Utils.errors import UserError
 from Models.moe.config import MoEConfig
 
@@ -205,7 +207,7 @@ def _layer(jt, **kw):
 @pytest.mark.parametrize("gated", [True, False])
 def test_dispatch_equals_dense_reference_values_and_gradients(jt, moe, monkeypatch, path, gated):
     if path == "fallback":
-        monkeypatch.setattr(moe["ex"], "_GROUPED_ON", False)
+        monkeypatch.setattr(KERNELS, "grouped_experts", False)
     if path == "kernel":                                                                  # static shapes: no host
         monkeypatch.setattr(moe["dp"], "run_per_expert", None)                            # sync, no per-expert cut
     layer = _layer(jt, num_experts=4, top_k=2, expert_sizes=[5, 12, 3, 8], gated=gated,
@@ -230,7 +232,7 @@ def test_dispatch_equals_dense_reference_values_and_gradients(jt, moe, monkeypat
 @pytest.mark.parametrize("fallback", [False, True])
 def test_unselected_expert_gets_exactly_zero_gradient(jt, moe, monkeypatch, fallback):
     if fallback:
-        monkeypatch.setattr(moe["ex"], "_GROUPED_ON", False)
+        monkeypatch.setattr(KERNELS, "grouped_experts", False)
     layer = _layer(jt, num_experts=4, top_k=2, router_bias=True)
     layer.router.gate.bias.assign(jt.array(np.array([0, 0, 0, -50], np.float32)))   # expert 3 never chosen
     y = layer(jt.array(RNG.standard_normal((2, 6, 8)).astype(np.float32)))
@@ -325,7 +327,7 @@ def test_grouped_kernel_vs_fallback_vs_numpy(jt, moe, monkeypatch, act, gated):
     ws = [E.w1, E.w2] + ([E.w3] if gated else [])
     results = []
     for on in (True, False):
-        monkeypatch.setattr(ex, "_GROUPED_ON", on)
+        monkeypatch.setattr(KERNELS, "grouped_experts", on)
         assert ex.grouped_kernel_available(jt.array(x), ws) == on
         xv = jt.array(x)
         y = E.forward_sorted(xv, jt.array(ro))
@@ -339,7 +341,7 @@ def test_grouped_kernel_vs_fallback_vs_numpy(jt, moe, monkeypatch, act, gated):
     rows = slice(E.offsets[1], E.offsets[2])
     assert all((g[rows] == 0).all() for g in results[0][2:])                            # empty expert: exact 0
     assert (results[0][0][13:] == 0).all() and (results[0][1][13:] == 0).all()
-    monkeypatch.setattr(ex, "_GROUPED_ON", True)
+    monkeypatch.setattr(KERNELS, "grouped_experts", True)
     for wv in ws:                                                                       # frozen experts: dx only
         wv.stop_grad()
     xv = jt.array(x)

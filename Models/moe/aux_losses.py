@@ -121,7 +121,7 @@ def smooth_load(sel):
     With thresholds from the noisy logits (the k-th and (k+1)-th largest), an expert inside the top-k must stay
     above the (k+1)-th, one outside must beat the k-th: Φ((clean − threshold)/noise_std).
     """
-    N, E, k = sel.n_tokens, sel.n_experts, sel.top_k
+    E, k = sel.n_experts, sel.top_k
     if sel.noise_std is None or k >= E:
         return (_onehot_counts(sel) * sel.mask_f().reshape(-1, 1)).sum(0)
     from Models.moe.selection import gather_cols, topk_index

@@ -13,18 +13,16 @@ weights (no slicing copies), the activation as a multi-threaded loop, and the ro
 the layer has static shapes and no host sync. Elsewhere — CUDA, other dtypes, no oneDNN, or MOA_GROUPED_EXPERTS=0
 (read once at import) — Jittor ops run per expert after reading the offsets on the host.
 """
-import os
-
 import numpy as np
 
 from Models.adapters import linear
+from Models.kernel_config import enabled, note_used
 from Models.kernels import DNNL_SGEMM_DECL, dnnl_available, swiglu
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
 nn = jt.nn
 
-_GROUPED_ON = os.environ.get("MOA_GROUPED_EXPERTS", "1") != "0"
 
 # Activation and its derivative per name; σ(a) from e = exp(−|a|) so the exp never overflows.
 _ACT_C = {
@@ -189,7 +187,7 @@ class _GroupedFFN(jt.Function):
 
 def grouped_kernel_available(x, weights):
     """True when the CPU grouped kernel applies: fp32, CPU, oneDNN present, MOA_GROUPED_EXPERTS not 0."""
-    return (_GROUPED_ON and not jt.flags.use_cuda and x.dtype == "float32"
+    return (enabled("grouped_experts") and not jt.flags.use_cuda and x.dtype == "float32"
             and all(w.dtype == "float32" for w in weights) and dnnl_available())
 
 
@@ -260,6 +258,7 @@ class Experts(nn.Module):
         """x_sorted [M, d] in expert-contiguous blocks, offsets [E+1] int32 (rows past offsets[E] are dropped
         assignments) → [M, d], zero rows for the dropped ones."""
         if grouped_kernel_available(x_sorted, self._weights()):
+            note_used("grouped_experts")
             if self._offsets_var is None:
                 self._offsets_var = jt.array(self._offsets).stop_grad()
             return _GroupedFFN.apply(x_sorted, self.w1, self.w2, self.w3 if self.gated else None,
