@@ -1,16 +1,19 @@
 """LLaMA-3 / 3.1 transformer (SPEC §1) in Jittor, with Meta's parameter names and the adapter insertion points of §2.
 
-Order as in Meta's model.py: RMSNorm, RoPE helpers, Attention (lazy KV cache), FeedForward, TransformerBlock,
-Transformer. Adapters are attached by `Models.moa.attach_adapters`; each block asks its `route` (built by the
-block's routing module) how to weight an adapter's output, so attention and FFN code stay routing-agnostic.
+Order as in Meta's model.py: RMSNorm, RoPE helpers, Attention (lazy KV cache), TransformerBlock, Transformer; the
+FFN of each block (dense, or a mixture of experts) comes from `Models/ffn.py`. Switches in ModelArgs cover the other
+HF families on the same blocks (q/k norm, q/k/v biases, a separate head_dim, tied embeddings). Adapters are attached
+by `Models.moa.attach_adapters`; each block asks its `route` (built by the block's routing module) how to weight an
+adapter's output, so attention and FFN code stay routing-agnostic.
 """
 import math
 
 import numpy as np
 
 from Models.adapters import prompt_attention
+from Models.ffn import is_moe, make_ffn
 from Models.kernels import (batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t,
-                            few_rows_projections, few_rows_swiglu, rms_norm, rope, swiglu)
+                            few_rows_projections, rms_norm, rope)
 from Models.routing import build_route
 from Utils.runtime import import_jittor
 
@@ -117,12 +120,16 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.n_rep = args.n_heads // args.n_kv_heads
-        self.head_dim = args.dim // args.n_heads
+        self.head_dim = args.head_dim
         self.max_seq_len = args.max_seq_len
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = args.attn_bias   # Qwen2-style q/k/v biases
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Qwen3: RMSNorm over each head's q and k (in our interleaved RoPE layout) before the rotation.
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         # Adapters (set by Models.moa.attach_adapters), named as in the reference.
         self.lora_Q = self.lora_K = self.lora_V = self.lora_O = None
         self.prompt = self.prompt_gate = self.prompt_router = None
@@ -143,8 +150,12 @@ class Attention(nn.Module):
         xq = _add(base[0], self._lora("lora_Q", x, route))
         xk = _add(base[1], self._lora("lora_K", x, route))
         xv = _add(base[2], self._lora("lora_V", x, route))
-        xq = apply_rotary_emb(xq.reshape(B, T, self.n_heads, self.head_dim), cos, sin)
-        xk = apply_rotary_emb(xk.reshape(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        xq = xq.reshape(B, T, self.n_heads, self.head_dim)
+        xk = xk.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            xq, xk = self.q_norm(xq), self.k_norm(xk)
+        xq = apply_rotary_emb(xq, cos, sin)
+        xk = apply_rotary_emb(xk, cos, sin)
         xv = xv.reshape(B, T, self.n_kv_heads, self.head_dim)
 
         if use_cache:
@@ -185,34 +196,12 @@ class Attention(nn.Module):
         return _add(self.wo(output), self._lora("lora_O", output, route))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, args):
-        hidden = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
-        self.lora_GATE = self.lora_UP = self.lora_DOWN = None  # on w1, w3, w2
-
-    def _lora(self, name, x, route):
-        mod = getattr(self, name)
-        return None if mod is None else route.apply(name, mod, x)
-
-    def execute(self, x, route=NO_ROUTE):
-        u = None
-        if self.lora_GATE is None and self.lora_UP is None:
-            u = few_rows_swiglu(x, self.w1, self.w3)   # decoding: gate, up and silu·up in one kernel call
-        if u is None:
-            gate = _add(self.w1(x), self._lora("lora_GATE", x, route))
-            up = _add(self.w3(x), self._lora("lora_UP", x, route))
-            u = swiglu(gate, up)
-        return _add(self.w2(u), self._lora("lora_DOWN", u, route))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id, args):
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = make_ffn(args, layer_id)   # dense FFN or a mixture of experts (Models/ffn.py)
+        self.is_moe = is_moe(self.feed_forward)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.p_adapter = None     # parallel adapter beside the FFN (SPEC §2.4)
@@ -230,11 +219,11 @@ class TransformerBlock(nn.Module):
             self._last_route = (weights.detach(), None if gamma is None else gamma.detach(),
                                 None if mask is None else mask.detach())
 
-    def execute(self, x, start_pos, cos, sin, mask, use_cache=False):
+    def execute(self, x, start_pos, cos, sin, mask, use_cache=False, token_mask=None):
         route = build_route(self, x, start_pos) or NO_ROUTE
         h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, route, use_cache)
         hn = self.ffn_norm(h)
-        out = h + self.feed_forward(hn, route)
+        out = h + (self.feed_forward(hn, token_mask) if self.is_moe else self.feed_forward(hn, route))
         if self.p_adapter is not None:
             out = _add(out, route.apply("p_adapter", self.p_adapter, hn))
         return out
@@ -248,20 +237,27 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList([TransformerBlock(i, args) for i in range(args.n_layers)])
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Tied embeddings: no output module at all, the head reads tok_embeddings.weight (one Var, one update).
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         cos, sin = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta, args.use_scaled_rope)
         self._cos_np, self._sin_np = cos, sin
         self._cos, self._sin = jt.array(cos).stop_grad(), jt.array(sin).stop_grad()
 
-    def hidden_states(self, tokens, start_pos=0, use_cache=False):
-        """tokens [B, T] → final-normed hidden states [B, T, d]."""
+    @property
+    def head_weight(self):
+        """The output projection [vocab, d] (the embedding matrix itself when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden_states(self, tokens, start_pos=0, use_cache=False, token_mask=None):
+        """tokens [B, T] → final-normed hidden states [B, T, d]. token_mask [B, T] (True = real token) only keeps
+        padding out of the MoE routers' statistics; attention is causal either way."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
         cos = self._cos[start_pos:start_pos + T]
         sin = self._sin[start_pos:start_pos + T]
         mask = causal_mask(T, start_pos)
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask, use_cache)
+            h = layer(h, start_pos, cos, sin, mask, use_cache, token_mask)
         return self.norm(h)
 
     def execute(self, tokens, start_pos=0, use_cache=False, last_only=False):
@@ -270,8 +266,21 @@ class Transformer(nn.Module):
             h = h[:, -1:, :]
             if jt.flags.no_grad:  # decoding: a few rows against the whole vocabulary (Models/kernels.py)
                 B, d = h.shape[0], h.shape[-1]
-                return few_rows_matmul_t(h.reshape(B, d), self.output.weight).reshape(B, 1, -1).float32()
-        return self.output(h).float32()
+                return few_rows_matmul_t(h.reshape(B, d), self.head_weight).reshape(B, 1, -1).float32()
+        return nn.matmul_transpose(h, self.head_weight).float32()
+
+    def moe_layers(self):
+        """[(layer id, MoEFeedForward)] of the mixture-of-experts layers."""
+        return [(i, layer.feed_forward) for i, layer in enumerate(self.layers) if layer.is_moe]
+
+    def pop_selections(self):
+        """The routing Selections of the last forward, one per MoE layer that kept one (and forget them)."""
+        out = []
+        for i, ffn in self.moe_layers():
+            sel = ffn.pop_selection()
+            if sel is not None:
+                out.append((i, sel))
+        return out
 
     def free_caches(self):
         for layer in self.layers:

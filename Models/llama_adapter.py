@@ -8,7 +8,7 @@ import numpy as np
 
 from Models.llama import Transformer
 from Models.model_args import FieldError, ModelArgs
-from Models.tokenizer import Tokenizer
+from Models.tokenizer import Tokenizer, load_tokenizer
 from Utils.errors import UserError
 from Utils.runtime import import_jittor
 
@@ -16,39 +16,71 @@ jt = import_jittor()
 nn = jt.nn
 
 IGNORE_INDEX = -100
-ADAPTER_KEYWORDS = ("lora", "prompt", "adapter")  # SPEC §4.1 selection rule
+ADAPTER_KEYWORDS = ("lora", "prompt", "adapter")  # MoA's selection rule (docs/moa.md): adapters, routers, Γ
+MOE_KEYWORDS = (".feed_forward.router.", ".feed_forward.noise.", ".feed_forward.experts.", ".feed_forward.shared.")
+ROUTER_KEYWORDS = (".feed_forward.router.", ".feed_forward.noise.", ".feed_forward.shared.gate.")
 
 
 def is_adapter_param(name):
     return any(k in name for k in ADAPTER_KEYWORDS)
 
 
+def is_moe_param(name):
+    """Parameters of the mixture-of-experts layers: routers, noise projections, routed and shared experts."""
+    return any(k in name for k in MOE_KEYWORDS)
+
+
+def is_router_param(name):
+    return any(k in name for k in ROUTER_KEYWORDS)
+
+
+# What trains, by name: MoA's default (adapters), everything (pretraining, full SFT), or one part of an MoE base
+# (LLaMA-Factory's "freeze" tuning of an upcycled model). A callable on parameter names is accepted as well.
+TRAINABLE = {"adapters": is_adapter_param, "all": lambda name: True, "moe": is_moe_param, "router": is_router_param,
+             "none": lambda name: False}
+
+
+def trainable_predicate(spec):
+    if callable(spec):
+        return spec
+    if spec not in TRAINABLE:
+        raise UserError("--trainable: %r is not one of %s" % (spec, ", ".join(TRAINABLE)))
+    return TRAINABLE[spec]
+
+
 class LLaMA_adapter(nn.Module):
-    def __init__(self, args: ModelArgs, tokenizer=None):
+    def __init__(self, args: ModelArgs, tokenizer=None, trainable="adapters"):
         from Models.moa import attach_adapters
         self.args = args
         self.tokenizer = tokenizer
         self.llama = Transformer(args)
         attach_adapters(self.llama, args)
-        self._mark_only_adapters_trainable()
-        if args.dtype != "float32":
-            for name, p in self.named_parameters():
-                if not is_adapter_param(name):
-                    p.assign(p.cast(args.dtype))
+        self._last_selections = []
+        self.set_trainable(trainable)
 
     # ------------------------------------------------------------------ parameters
-    def _mark_only_adapters_trainable(self):
-        """Freeze the base, keep adapters trainable in fp32. Runs before any eval() (JITTOR_NOTES A2)."""
-        for name, p in self.named_parameters():
-            if is_adapter_param(name):
+    def set_trainable(self, spec="adapters"):
+        """Choose what trains (a TRAINABLE name or a predicate on parameter names); the rest is frozen and, on a
+        non-fp32 `dtype`, cast to it. Trainable parameters are fp32. Runs before any eval() (docs/jittor_notes.md:
+        Jittor's first eval() records the trainable set that a later train() restores)."""
+        wanted = trainable_predicate(spec)
+        named = list(self.named_parameters())
+        for name, p in named:
+            if wanted(name):
                 if p.dtype != "float32":
                     p.assign(p.float32())
                 p.start_grad()
             else:
+                if self.args.dtype != "float32" and p.dtype != self.args.dtype:
+                    p.assign(p.cast(self.args.dtype))
                 p.stop_grad()
-        self._trainable_names = tuple(n for n, _ in self.named_parameters() if is_adapter_param(n))
-        # Jittor draws random inits lazily: materialise the (small) adapters now so a seed fixes their values.
-        jt.sync([p for n, p in self.named_parameters() if is_adapter_param(n)])
+        self._trainable_names = tuple(n for n, _ in named if wanted(n))
+        # Jittor draws random inits lazily: materialise the trainable weights now so a seed fixes their values.
+        jt.sync([p for n, p in named if wanted(n)])
+        for m in self.modules():
+            if hasattr(m, "backup_grad_state"):
+                m.backup_grad_state = {}
+        return self
 
     def train(self):
         # Jittor's train() re-enables gradients recorded by its first eval(); we keep our own frozen set instead.
@@ -74,7 +106,7 @@ class LLaMA_adapter(nn.Module):
                 m.backup_grad_state = {}
 
     def trainable_parameters(self):
-        """(name, Var) of every adapter/router/threshold parameter — the only ones an optimizer may see."""
+        """(name, Var) of every trainable parameter — the only ones an optimizer may see."""
         params = dict(self.named_parameters())
         return [(n, params[n]) for n in self._trainable_names]
 
@@ -83,30 +115,69 @@ class LLaMA_adapter(nn.Module):
 
     def adapter_state_dict(self):
         """{reference key name: np.float32 array} of the adapter parameters only."""
-        return {n: p.numpy().astype(np.float32) for n, p in self.trainable_parameters()}
+        return {n: p.numpy().astype(np.float32) for n, p in self.trainable_parameters() if is_adapter_param(n)}
 
     # ------------------------------------------------------------------ training
-    def execute(self, tokens, labels):
-        """Training loss: shifted cross-entropy over supervised positions (+ load-balance loss for MoE-LoRA).
-
-        Returns (loss, ce_loss, lb_loss); lb_loss is None when the variant has none.
-        """
+    def _lm_loss(self, tokens, labels, token_mask=None):
+        """Shifted cross-entropy over the supervised positions (labels >= 0), the head fused with the loss."""
         from Models.losses import head_cross_entropy
-        from Models.moa import collect_aux_losses
-        h = self.llama.hidden_states(tokens)                     # [B, T, d]
+        h = self.llama.hidden_states(tokens, token_mask=token_mask)   # [B, T, d]
         d = h.shape[-1]
         h = h[:, :-1, :].reshape(-1, d)
         target = labels[:, 1:].reshape(-1)
-        # The 128k-vocab projection is the costliest op of a small model: run it on supervised positions only.
+        # The vocabulary projection is the costliest op of a small model: run it on supervised positions only.
         rows = jt.nonzero(target >= 0).reshape(-1)
         if rows.shape[0] == 0:
-            ce = h.sum() * 0.0  # nothing supervised: a zero loss that still has a graph (as the reference)
-        else:
-            ce = head_cross_entropy(h[rows], self.llama.output.weight, target[rows])
+            return h.sum() * 0.0  # nothing supervised: a zero loss that still has a graph (as the reference)
+        return head_cross_entropy(h[rows], self.llama.head_weight, target[rows])
+
+    def loss_terms(self, batch):
+        """{name: unweighted scalar}: "lm" (token-mean cross-entropy), "aux_lb" (MoA's MoE-LoRA load balance) and
+        the MoE core's auxiliary losses ("aux_switch", "aux_z", ...) whose coefficient is on. `batch`: tokens,
+        labels and optionally token_mask (True on real tokens; keeps padding out of the routers' statistics)."""
+        from Models.moa import collect_aux_losses
+        from Models.moe.aux_losses import aux_loss_terms
+        terms = {"lm": self._lm_loss(batch["tokens"], batch["labels"], batch.get("token_mask"))}
         lb = collect_aux_losses(self.llama)
-        if lb is not None and self.args.lb_loss_coeff:
-            return ce + self.args.lb_loss_coeff * lb, ce, lb
-        return ce, ce, lb
+        if lb is not None:
+            terms["aux_lb"] = lb
+        sels = self.llama.pop_selections()
+        self._last_selections = [(i, sel.detach()) for i, sel in sels]
+        if sels:
+            terms.update(aux_loss_terms([sel for _, sel in sels], self.args.moe))
+        return terms
+
+    def loss_weights(self):
+        """{term: coefficient}: total loss = Σ coefficient · term (a term without a coefficient is only logged)."""
+        weights = {"lm": 1.0}
+        if self.args.is_moe_lora:
+            weights["aux_lb"] = self.args.lb_loss_coeff
+        if self.args.moe is not None:
+            weights.update(self.args.moe.aux_weights())
+        return weights
+
+    def routing_load(self):
+        """{layer: kept assignments per expert} of the last training forward's MoE layers (numpy; syncs)."""
+        from Models.moe.aux_losses import expert_load
+        return {i: expert_load(sel) for i, sel in self._last_selections}
+
+    def execute(self, tokens, labels, token_mask=None):
+        """Training loss: (total, LM cross-entropy, auxiliary part or None). The total is Σ loss_weights·terms."""
+        batch = {"tokens": tokens, "labels": labels}
+        if token_mask is not None:
+            batch["token_mask"] = token_mask
+        terms = self.loss_terms(batch)
+        weights = self.loss_weights()
+        total = terms["lm"]
+        aux = None
+        for name, value in terms.items():
+            if name != "lm" and weights.get(name):
+                total = total + weights[name] * value
+        if "aux_lb" in terms:
+            aux = terms["aux_lb"]
+        elif len(terms) > 1:
+            aux = sum((weights.get(n, 0.0) * v for n, v in terms.items() if n != "lm"), terms["lm"] * 0.0)
+        return total, terms["lm"], aux
 
     # ------------------------------------------------------------------ inference
     def logits(self, tokens):
@@ -132,7 +203,7 @@ class LLaMA_adapter(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, ckpt_dir, adapter_path=None, tokenizer_path=None, **overrides):
+    def from_pretrained(cls, ckpt_dir, adapter_path=None, tokenizer_path=None, trainable="adapters", **overrides):
         """Build from a Meta (`params.json` + `consolidated.*.pth`) or HF (`config.json` + safetensors) directory.
 
         `adapter_path`: an adapter file or a directory holding one with `adapter_params.json` beside it; its
@@ -159,12 +230,13 @@ class LLaMA_adapter(nn.Module):
             if e.field in adapter_cfg and overrides.get(e.field) is None:
                 raise UserError("%s: %s" % (adapter_params_path(adapter_path), e))
             raise
-        tok_file = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
-        tokenizer = Tokenizer(tok_file if os.path.isfile(tok_file) or tokenizer_path else None)
-        if tokenizer.n_words != args.vocab_size:
-            raise UserError("%s: tokenizer has %d ids but vocab_size is %d" % (tok_file, tokenizer.n_words,
-                                                                                args.vocab_size))
-        model = cls(args, tokenizer)
+        tok_source = tokenizer_path or _tokenizer_in(ckpt_dir)
+        tokenizer = load_tokenizer(tok_source)
+        if tokenizer.n_words > args.vocab_size or (tokenizer.n_words != args.vocab_size
+                                                    and isinstance(tokenizer, Tokenizer)):
+            raise UserError("%s: tokenizer has %d ids but vocab_size is %d" % (
+                tok_source or "the LLaMA-3 tokenizer", tokenizer.n_words, args.vocab_size))
+        model = cls(args, tokenizer, trainable=trainable)
         checkpoint_io.strict_load(model.llama, state, source=ckpt_dir, allow_missing=is_adapter_param)
         del state
         if adapter_path:
@@ -172,3 +244,11 @@ class LLaMA_adapter(nn.Module):
         model.eval()
         return model
 
+
+
+def _tokenizer_in(ckpt_dir):
+    """The checkpoint's own tokenizer (tokenizer.model or tokenizer.json) or None: the LLaMA-3 default."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.isfile(os.path.join(ckpt_dir, name)):
+            return ckpt_dir
+    return None

@@ -4,7 +4,9 @@ analytic trainable-parameter count of §4.2, auxiliary losses, and routing-weigh
 import numpy as np
 
 from Models.adapters import MOELoraLayer, PAdapterLayer, SparseMoELoraLayer, attach_prompt, linear
+from Models.model_args import format_layers
 from Models.routing import TARGET_ATTR, TYPE_LABELS, TYPE_ORDER, Gamma, make_type_router
+from Utils.errors import UserError
 
 ATTN_TARGETS = ("Q", "K", "V", "O")
 TYPE_ROUTED = ("soft_moa", "sparse_moa", "instance_moa")
@@ -47,6 +49,11 @@ def attach_adapters(llama, args):
         types = layer_types(args, layer_id)
         if layer_id in args.lora_layers:
             for target in args.lora_targets:
+                if target not in ATTN_TARGETS and block.is_moe:
+                    raise UserError("lora_targets: %s cannot attach to layer %d, whose FFN is a mixture of experts "
+                                    "(MoE layers: %s); use attention targets, prompts or the parallel adapter there, "
+                                    "or leave the MoE layers out of --lora_layers"
+                                    % (target, layer_id, format_layers(args.moe_layer_ids())))
                 owner = block.attention if target in ATTN_TARGETS else block.feed_forward
                 setattr(owner, TARGET_ATTR[target], _lora_for(args, target))
         if layer_id in args.prompt_layers:

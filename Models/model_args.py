@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from Models.moe.config import MoEConfig
 from Utils.errors import UserError
 
 ROUTINGS = ("soft_moa", "sparse_moa", "instance_moa", "unipeft", "soft_moe", "topk_moe", "adamole")
@@ -15,6 +16,9 @@ ROUTINGS = ("soft_moa", "sparse_moa", "instance_moa", "unipeft", "soft_moe", "to
 LORA_TARGETS = ("Q", "K", "V", "O", "FFN_UP", "FFN_GATE", "FFN_DOWN")
 THRESHOLD_GRADS = ("none", "ste", "shifted")
 DTYPES = ("float32", "float16", "bfloat16")
+FFN_ACTS = ("silu", "relu", "gelu", "gelu_tanh")
+ARCH_FIELDS = ("head_dim", "qk_norm", "attn_bias", "tie_word_embeddings", "intermediate_size", "hidden_act",
+               "ffn_gated", "moe")
 
 
 class FieldError(UserError):
@@ -96,6 +100,15 @@ class ModelArgs:
     max_batch_size: int = 32
     max_seq_len: int = 2048
     dtype: str = "float32"  # of the frozen base; adapters are always float32 (D13)
+    # ---- architecture switches: the HF families (LLaMA, Mixtral, Qwen2-MoE, Qwen3) on the same blocks ----
+    head_dim: Optional[int] = None            # default dim // n_heads; Qwen3 sets it apart
+    qk_norm: bool = False                     # Qwen3: RMSNorm over each head of q and k before RoPE
+    attn_bias: bool = False                   # Qwen2(-MoE): biases on the q, k, v projections
+    tie_word_embeddings: bool = False         # the output head is the embedding matrix
+    intermediate_size: Optional[int] = None   # dense FFN width given directly (else Meta's multiple_of rule)
+    hidden_act: str = "silu"                  # activation of the dense FFN
+    ffn_gated: bool = True                    # SwiGLU (gated) or a plain act FFN (ReLU models for MoEfication)
+    moe: Optional[MoEConfig] = None           # None: every FFN is dense; else the MoE section (Models/moe/config.py)
     # ---- adapters (SPEC §5.1 names) ----
     routing: str = "soft_moa"
     w_bias: bool = False
@@ -121,6 +134,11 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.moe is not None:
+            self.moe = MoEConfig.from_dict(self.moe, "moe")
+            self.moe.moe_layer_ids(self.n_layers)  # placement checked against the model now
         self.lora_layers = parse_layers(self.lora_layers, self.n_layers, "lora_layers")
         self.prompt_layers = parse_layers(self.prompt_layers, self.n_layers, "prompt_layers")
         self.p_adapter_layers = parse_layers(self.p_adapter_layers, self.n_layers, "p_adapter_layers")
@@ -132,10 +150,13 @@ class ModelArgs:
             if not cond:
                 raise UserError(what)
         need(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive")
-        need(self.dim % self.n_heads == 0, "dim %d is not divisible by n_heads %d" % (self.dim, self.n_heads))
+        need(self.head_dim > 0 and (self.head_dim != self.dim // self.n_heads or self.dim % self.n_heads == 0),
+             "dim %d is not divisible by n_heads %d (give head_dim)" % (self.dim, self.n_heads))
         need(self.n_heads % self.n_kv_heads == 0,
              "n_heads %d is not a multiple of n_kv_heads %d" % (self.n_heads, self.n_kv_heads))
-        need((self.dim // self.n_heads) % 2 == 0, "head dim must be even for RoPE")
+        need(self.head_dim % 2 == 0, "head_dim %d must be even for RoPE" % self.head_dim)
+        need(self.hidden_act in FFN_ACTS, "hidden_act: %r is not one of %s" % (self.hidden_act, ", ".join(FFN_ACTS)))
+        need(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size must be positive")
         need(self.routing in ROUTINGS, "routing: %r is not one of %s" % (self.routing, ", ".join(ROUTINGS)))
         need(self.threshold_grad in THRESHOLD_GRADS,
              "threshold_grad: %r is not one of %s" % (self.threshold_grad, ", ".join(THRESHOLD_GRADS)))
@@ -157,12 +178,11 @@ class ModelArgs:
 
     # ---- derived sizes ----
     @property
-    def head_dim(self):
-        return self.dim // self.n_heads
-
-    @property
     def ffn_hidden_dim(self):
-        """SPEC §1.1: 4d → int(2·4d/3) → int(mult·h) → round up to multiple_of."""
+        """intermediate_size when given (HF configs), else Meta's rule: 4d → int(2·4d/3) → int(mult·h) → round up to
+        multiple_of."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -172,11 +192,30 @@ class ModelArgs:
     def is_moe_lora(self):
         return self.routing in ("topk_moe", "adamole")
 
+    def moe_layer_ids(self):
+        """Layers whose FFN is a mixture of experts (empty for a dense model)."""
+        return tuple(self.moe.moe_layer_ids(self.n_layers)) if self.moe is not None else ()
+
     # ---- construction ----
     @classmethod
     def base_field_names(cls):
         return ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-                "norm_eps", "rope_theta", "use_scaled_rope", "max_batch_size", "max_seq_len")
+                "norm_eps", "rope_theta", "use_scaled_rope", "max_batch_size", "max_seq_len") + ARCH_FIELDS
+
+    def base_params(self):
+        """What a checkpoint's params.json holds: Meta's keys, the architecture switches that differ from LLaMA's
+        defaults, and the moe section — no adapter or runtime settings."""
+        out = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                                             "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope")}
+        defaults = ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads)
+        for k in ARCH_FIELDS:
+            v = getattr(self, k)
+            if k == "moe":
+                if v is not None:
+                    out["moe"] = v.to_dict()
+            elif v != getattr(defaults, k):
+                out[k] = v
+        return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
     def field_names(cls):
