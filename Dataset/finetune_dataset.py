@@ -46,13 +46,25 @@ class FinetuneData:
         return perm[start:start + self.batch_size]
 
     def batches(self, epoch, start=0):
-        """Yield (i, tokens, labels) for micro-steps start..len-1 of `epoch`."""
+        """Yield (i, {"tokens", "labels"}) for micro-steps start..len-1 of `epoch` (int32 [B, T] each)."""
         perm = self.permutation(epoch)
         g = self.batch_size * self.world_size
         for i in range(start, len(self)):
             idx = perm[i * g + self.rank * self.batch_size:i * g + (self.rank + 1) * self.batch_size]
             tokens, labels = pad_batch([self.examples[j] for j in idx])
-            yield i, tokens, labels
+            yield i, {"tokens": tokens, "labels": labels}
+
+    @staticmethod
+    def target_count(batch):
+        """Supervised (shifted) targets of one micro-batch."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def global_target_count(self, epoch, first, n):
+        """Supervised targets of global micro-batches first..first+n-1 over every rank (no communication: the
+        order is a function of data_seed and epoch)."""
+        perm = self.permutation(epoch)
+        g = self.batch_size * self.world_size
+        return int(sum(sum(t != IGNORE_INDEX for t in self.examples[j][1][1:]) for j in perm[first * g:(first + n) * g]))
 
 
 class EvalData:
@@ -72,10 +84,10 @@ class EvalData:
         return len(self.examples)
 
     def batches(self):
-        """Yield (tokens, labels, n_supervised) where n_supervised counts the shifted targets the loss uses."""
+        """Yield ({"tokens", "labels"}, n_supervised) where n_supervised counts the shifted targets the loss uses."""
         for s in range(0, len(self.shard), self.batch_size):
             tokens, labels = pad_batch(self.shard[s:s + self.batch_size])
-            yield tokens, labels, int((labels[:, 1:] != IGNORE_INDEX).sum())
+            yield {"tokens": tokens, "labels": labels}, int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def split_records(records, val_split, data_seed):

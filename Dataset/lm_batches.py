@@ -78,6 +78,22 @@ class LMData:
         for i in range(start, len(self)):
             yield i, collate([self.rows[int(j)] for j in self.indices(epoch, i, perm)])
 
+    @staticmethod
+    def target_count(batch):
+        """Targets of one micro-batch (for the engine's token-weighted loss)."""
+        return n_targets(batch["labels"])
+
+    def global_target_count(self, epoch, first, n):
+        """Targets of global micro-batches first..first+n-1 over every rank, computed locally (the order is a
+        function of data_seed and epoch), so the engine can weight each micro-batch by its share of the step."""
+        perm = self.permutation(epoch)
+        g = self.batch_size * self.world_size
+        total = 0
+        for j in perm[first * g:(first + n) * g]:
+            labels = np.asarray(self.rows[int(j)][1])
+            total += int((labels[1:] != IGNORE_INDEX).sum())
+        return total
+
 
 class EvalLMData:
     """Validation rows split across ranks without dropping any: rank r takes every world_size-th row.

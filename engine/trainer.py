@@ -151,7 +151,7 @@ class Trainer:
         for key, value in self.cfg.identity.items():
             saved = ckpt.get("identity", {})
             if key in saved and saved[key] != value:
-                raise UserError("--resume: %s was made with %s=%r but this run has %r (exact resumption needs the "
+                raise UserError("--resume: %s was made with %s %r but this run has %r (exact resumption needs the "
                                 "same value)" % (path, key, saved[key], value))
         self.state = TrainState(**ckpt["state"])
         self.state.stopped = ""

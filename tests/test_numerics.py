@@ -113,7 +113,7 @@ def _demo_shaped_run(tmp, ckpt, data, np_, batch):
         log = [json.loads(line) for line in f]
     import pickle
     with open(os.path.join(out, "checkpoint-last.pkl"), "rb") as f:
-        adapters = pickle.load(f)["adapters"]
+        adapters = pickle.load(f)["trainable"]
     return [x["loss"] for x in log if x["kind"] == "train"], adapters
 
 

@@ -50,7 +50,7 @@ def _log(out_dir, kinds=("train", "val", "epoch")):
 
 def _last_adapters(out_dir):
     from Utils.train_checkpoint import load_train_checkpoint  # real checkpoints pass the restricted unpickler
-    return load_train_checkpoint(os.path.join(out_dir, "checkpoint-last.pkl"))["adapters"]
+    return load_train_checkpoint(os.path.join(out_dir, "checkpoint-last.pkl"))["trainable"]
 
 
 def _max_diff(a, b):
@@ -143,7 +143,8 @@ def test_shards_are_disjoint_and_cover_each_global_batch():
             assert parts[0] | parts[1] == set(single.indices(epoch, i).tolist())
     assert not np.array_equal(single.permutation(0), single.permutation(1))   # reshuffled every epoch
     assert np.array_equal(single.permutation(1), FinetuneData(examples, 4, data_seed=3).permutation(1))
-    i, tokens, labels = next(single.batches(0))
+    i, batch = next(single.batches(0))
+    tokens, labels = batch["tokens"], batch["labels"]
     assert tokens.dtype == np.int32 and tokens.shape == labels.shape == (4, 2)
     # validation shards keep every example
     ev = [EvalData(examples, 4, r, 2) for r in range(2)]
@@ -164,16 +165,19 @@ def _tiny_model(jt, seed=0):
     return model
 
 
-def _train_args(**kw):
-    base = dict(accum_iter=1, log_interval=100, seed=0, lr=1e-2, min_lr=0.0, warmup_epochs=0.0, epochs=1)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _trainer(model, data, optimizer, tmp_dir="/nonexistent", accum_iter=1):
+    """The engine's Trainer over `data` with MoA's schedule (lr 1e-2, no warm-up, one epoch)."""
+    from engine.schedule import EpochSchedule
+    from engine.trainer import Trainer, TrainConfig
+    cfg = TrainConfig(output_dir=tmp_dir, lr=1e-2, schedule=EpochSchedule(1e-2, 0.0, 0.0, 1), epochs=1,
+                      accum_iter=accum_iter, log_interval=100, seed=0)
+    return Trainer(model, data, cfg, optimizer=optimizer, print_fn=lambda *a: None)
 
 
 def test_gradient_accumulation_equals_large_batch(jt, tokenizer):
     """batch 4 × accum 1 and batch 2 × accum 2 take identical optimizer steps (bias correction per step)."""
     from Dataset.finetune_dataset import FinetuneData
-    from engine_finetune import AdamW, TrainState, param_groups, train_one_epoch
+    from engine_finetune import AdamW, param_groups, train_one_epoch
 
     class RecordingAdamW(AdamW):  # keeps the gradient handed to every optimizer step
         def step(self, grads):
@@ -186,8 +190,9 @@ def test_gradient_accumulation_equals_large_batch(jt, tokenizer):
         data = FinetuneData.from_records(_records(12), tokenizer, 64, bs, data_seed=1)
         opt = RecordingAdamW(param_groups(model.trainable_parameters(), 0.02), 1e-2)
         opt.seen = []
-        state = TrainState()
-        train_one_epoch(model, data, opt, 0, state, _train_args(accum_iter=accum), print_fn=lambda *a: None)
+        trainer = _trainer(model, data, opt, accum_iter=accum)
+        train_one_epoch(trainer, 0)
+        state = trainer.state
         assert state.step == 3 and opt.step_count == 3 and state.epoch == 1 and state.micro == 0
         results.append(model.adapter_state_dict())
         grads.append(opt.seen)
@@ -207,26 +212,33 @@ def test_gradient_accumulation_equals_large_batch(jt, tokenizer):
 
 def test_non_finite_loss_stops_before_the_update(jt, tokenizer):
     from Dataset.finetune_dataset import FinetuneData
-    from engine_finetune import AdamW, NonFiniteLoss, TrainState, param_groups, train_one_epoch
+    from engine_finetune import AdamW, NonFiniteLoss, param_groups, train_one_epoch
     model = _tiny_model(jt)
     calls = {"n": 0}
 
     class PoisonAtSecondStep:
+        """The model, except that its second micro-batch's loss is NaN."""
         def train(self):
             model.train()
 
-        def __call__(self, tokens, labels):
+        def trainable_parameters(self):
+            return model.trainable_parameters()
+
+        def loss_weights(self):
+            return model.loss_weights()
+
+        def loss_terms(self, batch):
             calls["n"] += 1
-            loss, ce, lb = model(tokens, labels)
-            return (loss * float("nan"), ce, lb) if calls["n"] == 2 else (loss, ce, lb)
+            terms = model.loss_terms(batch)
+            return dict(terms, lm=terms["lm"] * float("nan")) if calls["n"] == 2 else terms
 
     data = FinetuneData.from_records(_records(12), tokenizer, 64, 4)
     opt = AdamW(param_groups(model.trainable_parameters(), 0.0), 1e-2)
-    state, seen = TrainState(), []
+    seen = []
+    trainer = _trainer(PoisonAtSecondStep(), data, opt)
     with pytest.raises(NonFiniteLoss, match="optimizer step 2"):
-        train_one_epoch(PoisonAtSecondStep(), data, opt, 0, state, _train_args(),
-                        on_step=lambda s, r: seen.append(model.adapter_state_dict()) and False,
-                        print_fn=lambda *a: None)
+        train_one_epoch(trainer, 0, on_step=lambda r: seen.append(model.adapter_state_dict()) and False)
+    state = trainer.state
     assert state.step == 1 and opt.step_count == 1
     assert _max_diff(seen[-1], model.adapter_state_dict()) == 0.0     # the poisoned step changed nothing
 

@@ -1,0 +1,69 @@
+"""Command-line flags shared by the front ends: the training-loop flags every trainer takes, and the adapter flags
+(the reference's names, defaults and string forms) that Math.py, inference and the benchmarks take."""
+from Utils.cli import add_bool
+from Utils.errors import UserError
+
+# ModelArgs fields set from the adapter flags (the reference's main_finetune.py names).
+ADAPTER_FLAGS = ("routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "expert_num",
+                 "hydra_moe", "prompt_layers", "prompt_len", "p_adapter_layers", "p_adapter_size", "p_adapter_hydra",
+                 "swi_x", "max_threshold", "const_threshold", "threshold_grad", "top_k", "lb_loss_coeff",
+                 "noisy_router")
+
+
+def add_adapter_flags(p):
+    """The reference's adapter flags with its defaults (booleans: `--flag` or `--flag true|false`)."""
+    a = p.add_argument
+    a("--routing", default="soft_moa", help="soft_moa | sparse_moa | instance_moa | unipeft | soft_moe | topk_moe | "
+                                            "adamole (docs/moa.md)")
+    add_bool(p, "w_bias", False)
+    a("--lora_layers", default="0-0", help="half-open layer ranges, e.g. 0-32 or 0-8,24-32")
+    a("--lora_rank", type=int, default=16)
+    a("--lora_targets", default="Q,V", help="comma list of Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN")
+    a("--lora_alpha", type=float, default=8)
+    a("--expert_num", type=int, default=1)
+    add_bool(p, "hydra_moe", False)
+    a("--prompt_layers", default="0-0")
+    a("--prompt_len", type=int, default=10)
+    a("--p_adapter_layers", default="0-0")
+    a("--p_adapter_size", type=int, default=16)
+    add_bool(p, "p_adapter_hydra", False)
+    a("--swi_x", type=int, default=0, help="SwiGLU type router hidden size factor (0 = linear router)")
+    a("--max_threshold", type=float, default=0.5)
+    add_bool(p, "const_threshold", False)
+    a("--threshold_grad", default="none", help="sparse_moa threshold gradient: none | ste | shifted")
+    a("--top_k", type=int, default=1)
+    a("--lb_loss_coeff", type=float, default=0.001)
+    add_bool(p, "noisy_router", False)
+
+
+def add_training_flags(p, batch_size=8, epochs=1, lr=None, weight_decay=0.0, save_interval=100, log_interval=10):
+    """The loop's flags (engine/trainer.py): data order, batch, accumulation, optimiser, checkpoints, validation."""
+    a = p.add_argument
+    a("--output_dir", default="./output")
+    a("--seed", type=int, default=0, help="initialisation and per-step noise (same on every rank)")
+    a("--data_seed", type=int, default=0, help="data order (independent of --seed)")
+    a("--batch_size", type=int, default=batch_size, help="per rank")
+    a("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    a("--epochs", type=int, default=epochs)
+    a("--lr", type=float, default=lr)
+    a("--min_lr", type=float, default=0.0)
+    a("--weight_decay", type=float, default=weight_decay)
+    a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
+    a("--val_interval", type=int, default=0, help="validate every N optimizer steps (0 = at epoch ends)")
+    a("--save_interval", type=int, default=save_interval, help="checkpoint every N optimizer steps (and every "
+                                                             "epoch end; 0 = epoch ends only)")
+    a("--early_stop_patience", type=int, default=0, help="validations without improvement before stopping (0=off)")
+    a("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
+    a("--resume", default="", help="a checkpoint file/dir, or 'auto' = output_dir's checkpoint-last.pkl if any")
+    add_bool(p, "progress", True, "tqdm progress bar on rank 0")
+
+
+def check_training_flags(args):
+    for name in ("batch_size", "accum_iter", "epochs", "log_interval"):
+        if getattr(args, name) < 1:
+            raise UserError("--%s must be >= 1, got %d" % (name, getattr(args, name)))
+    for name in ("max_steps", "val_interval", "save_interval", "early_stop_patience"):
+        if getattr(args, name) < 0:
+            raise UserError("--%s must be >= 0, got %d" % (name, getattr(args, name)))
+    if args.lr is not None and not args.lr >= 0:
+        raise UserError("--lr must be >= 0, got %g" % args.lr)
