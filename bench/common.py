@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import Math  # noqa: E402  (only argparse + Utils.errors at import time: no Jittor)
+from engine.flags import add_adapter_flags  # noqa: E402  (argparse only: no Jittor at import time)
 from Utils import cli  # noqa: E402
 from Models.model_args import ROUTINGS, THRESHOLD_GRADS, ModelArgs, format_layers  # noqa: E402
 from Utils.errors import UserError  # noqa: E402
@@ -163,7 +163,7 @@ def add_model_flags(p, renames=None):
                              "Math.py's default)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="lora: %s; moa: %s ('all' = every layer)" % (_preset_text("lora"), _preset_text("moa")))
-    math_actions = {a.dest: a for a in Math.build_parser()._actions}
+    math_actions = {a.dest: a for a in _adapter_parser()._actions}
     for name in ADAPTER_FLAGS:
         a = math_actions[name]
         kind = str if name in LAYER_FLAGS else a.type  # layer flags also accept 'all'
@@ -179,13 +179,20 @@ def add_model_flags(p, renames=None):
     return p
 
 
+def _adapter_parser():
+    """The adapter flags exactly as Math.py declares them (engine/flags.py), for their types and defaults."""
+    p = cli.Parser()
+    add_adapter_flags(p)
+    return p
+
+
 def _preset_text(name):
     return ", ".join("%s=%s" % kv for kv in PRESETS[name].items())
 
 
 def adapter_values(ns):
     """{adapter flag: value}: explicit flag, else the preset's value, else Math.py's default; 'all' expanded later."""
-    defaults = {a.dest: a.default for a in Math.build_parser()._actions}
+    defaults = {a.dest: a.default for a in _adapter_parser()._actions}
     preset = PRESETS.get(getattr(ns, "preset", None) or "", {})
     dests = getattr(ns, "_adapter_dests", {})
     out = {}
@@ -521,32 +528,37 @@ def random_tokens(vocab_size, batch, seq_len, seed):
     return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, seq_len)).astype(np.int32)
 
 
+class _OneBatch:
+    """A data object of one micro-batch per epoch (the engine asks len() for its step count)."""
+
+    def __len__(self):
+        return 1
+
+
 def train_steps(model, tokens, n_steps, lr, weight_decay, counter):
-    """`n_steps` full MoA training steps on one fixed batch, as engine_finetune.train_one_epoch takes them
-    (accum_iter 1, one process): forward → jt.grad over the adapters → sync → our AdamW step (which syncs).
+    """`n_steps` full training steps on one fixed batch through the project's engine (engine.trainer.Trainer's
+    optimizer_step, accum_iter 1, one process): forward → jt.grad over the trainable weights → sync → AdamW step.
 
     Labels = tokens (every position supervised). Returns per-step lists: seconds, losses, (kernels, builds).
     """
     jt = jittor()
-    from engine_finetune import AdamW, param_groups
-    named = model.trainable_parameters()
-    params = [p for _, p in named]
-    opt = AdamW(param_groups(named, weight_decay), lr, betas=(0.9, 0.95), eps=1e-8)
+    from engine.schedule import StepSchedule
+    from engine.trainer import Trainer, TrainConfig
+    cfg = TrainConfig(output_dir=os.devnull, lr=lr, schedule=StepSchedule(lr, n_steps, kind="constant"),
+                      weight_decay=weight_decay, betas=(0.9, 0.95), eps=1e-8)
+    trainer = Trainer(model, _OneBatch(), cfg, print_fn=log)
+    batch = {"tokens": tokens, "labels": tokens}
     model.train()
     times, losses, compiles = [], [], []
     counter.take()
     for i in range(n_steps):
         t0 = time.perf_counter()
-        loss, _, _ = model(jt.array(tokens), jt.array(tokens))
-        grads = [g.detach() for g in jt.grad(loss, params)]
-        jt.sync(grads + [loss])
-        value = loss.item()
-        opt.step({name: g for (name, _), g in zip(named, grads)})
+        value = trainer.optimizer_step([batch], lr)["loss"]
         times.append(time.perf_counter() - t0)
         losses.append(value)
         compiles.append(counter.take())
         log("step %d/%d %.3fs loss %.4f new kernels %s" % (i + 1, n_steps, times[-1], value, compiles[-1][0]))
-    del opt, grads, loss
+    del trainer
     jt.sync_all()
     jt.gc()
     return times, losses, compiles
