@@ -52,6 +52,67 @@ def cmd_generate(argv):
     print("generated %d tokens in %.2fs" % (sum(map(len, outs)), time.time() - t0))
 
 
+def train_tiny_base(out_dir, records, tokenizer, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                    steps=300, batch_size=16, lr=3e-3, warmup=30, seed=0, extra_records=(), log=print):
+    """Train a fresh tiny LLaMA-3-shaped base on `records` (plain language modelling) with the project's engine and
+    write `params.json` + `consolidated.00.pth` + the tokenizer to out_dir. The model trains over a compact
+    vocabulary (Models/compact_vocab.py) and is exported with the full one; `extra_records` only widen that
+    vocabulary (a fine-tuning task's words, so adapters can later learn to produce them). Returns the per-step losses.
+    """
+    import json
+    import math
+    import shutil
+    import numpy as np
+    from Dataset import LMData, lm_examples
+    from Dataset.encoding import PAD_ID
+    from engine.optim import param_groups
+    from engine.trainer import Trainer, TrainConfig
+    from Models.compact_vocab import CompactLM, CompactVocab
+    from Models.model_args import ModelArgs
+    from Utils.checkpoint_io import write_torch_pth
+    from Utils.runtime import seed_everything
+    seed_everything(seed)
+    examples = lm_examples(records, tokenizer, max_seq_len)
+    seen = {PAD_ID, tokenizer.bos_id, tokenizer.eos_id}
+    for ids, _ in examples + lm_examples(list(extra_records), tokenizer, max_seq_len):
+        seen.update(ids)
+    vocab = CompactVocab(seen, tokenizer.n_words)
+    rows = []
+    for ids, labels in examples:
+        t, lab = vocab.to_compact(np.array(ids), np.array(labels))
+        rows.append((t.tolist(), lab.tolist()))
+    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=tokenizer.n_words,
+                  multiple_of=32, norm_eps=1e-5, rope_theta=500000.0)
+    args = ModelArgs.create(dict(params, vocab_size=vocab.size, max_seq_len=max_seq_len), {"routing": "soft_moe"},
+                            source="train_tiny_base")
+    model = CompactLM(args, vocab)
+    model.init_weights()
+    data = LMData(rows, batch_size, data_seed=seed)
+
+    def schedule(step, epoch_float):  # warm-up, then a cosine down to 10% of lr
+        return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+    tmp = out_dir.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    work = os.path.join(tmp, "train")
+    cfg = TrainConfig(output_dir=work, lr=lr, schedule=schedule, epochs=-(-steps // len(data)), max_steps=steps,
+                      seed=seed, save_interval=0, log_interval=1, progress=False, config=dict(params, steps=steps))
+    trainer = Trainer(model, data, cfg, optimizer=None, print_fn=log)
+    trainer.optimizer.param_groups = [dict(g, lr=lr) for g in param_groups(model.trainable_parameters(), 0.0)
+                                      if g["named"]]
+    trainer.fit()
+    with open(os.path.join(work, "log.txt")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+    write_torch_pth(os.path.join(tmp, "consolidated.00.pth"), model.full_state(np.random.default_rng(seed)))
+    with open(os.path.join(tmp, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+    shutil.copyfile(tokenizer.model_path, os.path.join(tmp, "tokenizer.model"))
+    shutil.rmtree(work)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return losses
+
+
 def _run(cmd, log):
     """Run a pipeline stage as its own process (mpirun needs that); its output goes to the stage log."""
     import subprocess
@@ -127,9 +188,8 @@ def cmd_demo(argv):
               "family, %d steps; cached for later runs" % a.base_steps)
         from Dataset import load_records
         from Models.tokenizer import Tokenizer
-        from Utils.pretrain_tiny import pretrain_tiny_base
-        pretrain_tiny_base(base, load_records(os.path.join(data, "base", "train.json")), Tokenizer(),
-                           steps=a.base_steps, extra_records=load_records(os.path.join(data, "task", "train.json")))
+        train_tiny_base(base, load_records(os.path.join(data, "base", "train.json")), Tokenizer(),
+                        steps=a.base_steps, extra_records=load_records(os.path.join(data, "task", "train.json")))
     else:
         print("[2/4] tiny base: cached in %s" % base)
 

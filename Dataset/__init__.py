@@ -1,4 +1,5 @@
-"""Data side of the fine-tuning pipeline (SPEC §6): records, Alpaca prompts, token encoding, synthetic math."""
+"""Data side of every front end: records and Alpaca prompts (fine-tuning), pretraining packs, SFT chats, batchers,
+and the generated corpora (math problems, instruction tasks)."""
 import importlib
 
 # Names resolve on first use, so `import Dataset` stays cheap (no numpy) and `python -m
@@ -11,6 +12,17 @@ _EXPORTS = {
     "encode_example_info": "Dataset.encoding",
     "encode_dataset": "Dataset.encoding",
     "pad_batch": "Dataset.encoding",
+    "lm_examples": "Dataset.encoding",
+    "LMData": "Dataset.lm_batches",
+    "EvalLMData": "Dataset.lm_batches",
+    "PretrainData": "Dataset.pretrain_data",
+    "pretrain_eval_data": "Dataset.pretrain_data",
+    "load_corpus": "Dataset.pretrain_data",
+    "SFTData": "Dataset.sft_data",
+    "sft_eval_data": "Dataset.sft_data",
+    "read_conversations": "Dataset.sft_data",
+    "generate_instructions": "Dataset.instruction_generator",
+    "score_answer": "Dataset.instruction_generator",
     "generate_math_dataset": "Dataset.math_generator",
     "write_splits": "Dataset.math_generator",
 }

@@ -98,3 +98,9 @@ def pad_batch(examples, pad_to=None):
         inputs[b, :len(ids)] = ids
         labels[b, :len(lab)] = lab
     return inputs, labels
+
+
+def lm_examples(records, tokenizer, max_seq_len):
+    """Plain language modelling on formatted records: every token of every example is a target (labels = ids)."""
+    examples, _ = encode_dataset(records, tokenizer, max_seq_len)
+    return [(ids, list(ids)) for ids, _ in examples]

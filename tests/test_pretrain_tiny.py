@@ -1,10 +1,11 @@
-"""The demo's tiny-base trainer (Utils/pretrain_tiny.py): the compact-vocabulary export must give the full
-128,256-way model exactly the compact model's probabilities, and the written checkpoint must load as a base."""
+"""The demo's tiny-base trainer (demo.train_tiny_base over Models/compact_vocab.py, driven by the engine): the
+compact-vocabulary export must give the full 128,256-way model exactly the compact model's probabilities, and the
+written checkpoint must load as a base."""
 import json
 
 import numpy as np
 
-from Utils.pretrain_tiny import CompactVocab
+from Models.compact_vocab import CompactVocab
 
 
 def _log_softmax(x):
@@ -40,11 +41,12 @@ def test_to_compact_maps_ids_and_keeps_ignored_labels():
 def test_pretrained_base_loads_and_learned_the_corpus(tmp_path, jt, tokenizer):
     from Dataset import generate_math_dataset
     from Models.llama_adapter import LLaMA_adapter
-    from Utils.pretrain_tiny import lm_examples, pretrain_tiny_base
+    from Dataset import lm_examples
+    from demo import train_tiny_base
     records = generate_math_dataset(64, "base", seed=0)
     out = tmp_path / "base"
-    losses = pretrain_tiny_base(str(out), records, tokenizer, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                                steps=30, batch_size=8, lr=1e-2, warmup=5, log=lambda *a: None)
+    losses = train_tiny_base(str(out), records, tokenizer, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                             steps=30, batch_size=8, lr=1e-2, warmup=5, log=lambda *a: None)
     assert losses[0] > 10 and losses[-1] < losses[0] / 2          # starts at ~log(128256) = 11.76
     params = json.loads((out / "params.json").read_text())
     assert params["vocab_size"] == tokenizer.n_words and params["dim"] == 32
