@@ -173,7 +173,7 @@ class TopKMoE(_SparseMoE):
             sel = sel + (jt.arange(self.expert_num).reshape(1, -1) == idx[:, j:j + 1]).cast(p.dtype)
         sel = sel.stop_grad()
         w = p * sel
-        w = w / w.sum(-1, keepdims=True)                              # ≥ the largest p ≥ 1/E: never small
+        w = w / w.sum(-1, keepdims=True)                              # the sum ≥ max p ≥ 1/E: never near 0
         if self.is_training():
             self._lb_loss = load_balance_loss(sel.sum(0), p, flat.shape[0], self.expert_num)
         return self._mix(flat, w, shape)
@@ -263,7 +263,8 @@ class PromptEmbedding(nn.Module):
 
 def attach_prompt(attention, args):
     """Give an Attention the reference's prompt parameters: `prompt`, zero `prompt_gate`, `prompt_router` (E>1)."""
-    E = args.expert_num if args.routing in ("soft_moe", "soft_moa", "topk_moe", "adamole") else 1
+    from Models.variants import experts_of
+    E = experts_of(args)
     attention.prompt_experts = E
     attention.prompt_len = args.prompt_len
     attention.prompt = PromptEmbedding(E * args.prompt_len, args.dim)
