@@ -263,8 +263,7 @@ class PromptEmbedding(nn.Module):
 
 def attach_prompt(attention, args):
     """Give an Attention the reference's prompt parameters: `prompt`, zero `prompt_gate`, `prompt_router` (E>1)."""
-    from Models.variants import experts_of
-    E = experts_of(args)
+    E = args.expert_num if args.routing in ("soft_moe", "soft_moa", "topk_moe", "adamole") else 1
     attention.prompt_experts = E
     attention.prompt_len = args.prompt_len
     attention.prompt = PromptEmbedding(E * args.prompt_len, args.dim)
