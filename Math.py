@@ -20,8 +20,6 @@ MODEL_FLAGS = ADAPTER_FLAGS + ("max_seq_len", "max_batch_size")
 # Changing these between a checkpoint and its resumption would break "continues exactly".
 RESUME_MUST_MATCH = ("batch_size", "accum_iter", "world_size", "data_seed", "seed", "max_seq_len", "data_path",
                      "val_data_path", "val_split", "epochs", "warmup_epochs", "lr", "min_lr", "weight_decay")
-# The reference's sparse_moe, instance and UniPEFT scripts default to 40 warm-up epochs.
-LONG_WARMUP_ROUTINGS = ("topk_moe", "adamole", "instance_moa", "unipeft")
 
 
 def build_parser():
@@ -46,8 +44,9 @@ def parse_args(argv=None):
     check_training_flags(args)
     if not 0.0 <= args.val_split < 1.0:
         raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
-    if args.warmup_epochs is None:
-        args.warmup_epochs = 40.0 if args.routing in LONG_WARMUP_ROUTINGS else 1.0
+    if args.warmup_epochs is None:  # the reference scripts' default: 1, or 40 for sparse_moe, instance, UniPEFT
+        from Models.variants import variant
+        args.warmup_epochs = variant(args.routing).warmup_epochs
     if args.warmup_epochs < 0:
         raise UserError("--warmup_epochs must be >= 0")
     return args

@@ -263,7 +263,8 @@ class PromptEmbedding(nn.Module):
 
 def attach_prompt(attention, args):
     """Give an Attention the reference's prompt parameters: `prompt`, zero `prompt_gate`, `prompt_router` (E>1)."""
-    E = args.expert_num if args.routing in ("soft_moe", "soft_moa", "topk_moe", "adamole") else 1
+    from Models.variants import experts_of
+    E = experts_of(args)
     attention.prompt_experts = E
     attention.prompt_len = args.prompt_len
     attention.prompt = PromptEmbedding(E * args.prompt_len, args.dim)

@@ -6,10 +6,10 @@ import numpy as np
 from Models.adapters import MOELoraLayer, PAdapterLayer, SparseMoELoraLayer, attach_prompt, linear
 from Models.model_args import format_layers
 from Models.routing import TARGET_ATTR, TYPE_LABELS, TYPE_ORDER, Gamma, make_type_router
+from Models.variants import experts_of, variant
 from Utils.errors import UserError
 
 ATTN_TARGETS = ("Q", "K", "V", "O")
-TYPE_ROUTED = ("soft_moa", "sparse_moa", "instance_moa")
 
 
 def _target_dims(args, target):
@@ -32,15 +32,10 @@ def layer_types(args, layer_id):
 
 def _lora_for(args, target):
     i, o = _target_dims(args, target)
-    if args.routing in ("topk_moe", "adamole") and args.expert_num > 1:
+    if variant(args.routing).sparse_lora and args.expert_num > 1:
         return SparseMoELoraLayer(i, o, args.lora_rank, args.lora_alpha, args.expert_num, args.routing,
                                   args.top_k, args.noisy_router)
-    E = args.expert_num if args.routing in ("soft_moe", "soft_moa", "topk_moe", "adamole") else 1
-    return MOELoraLayer(i, o, args.lora_rank, args.lora_alpha, E, args.hydra_moe)
-
-
-def _pa_experts(args):
-    return args.expert_num if args.routing in ("soft_moe", "soft_moa", "topk_moe", "adamole") else 1
+    return MOELoraLayer(i, o, args.lora_rank, args.lora_alpha, experts_of(args), args.hydra_moe)
 
 
 def attach_adapters(llama, args):
@@ -59,18 +54,18 @@ def attach_adapters(llama, args):
         if layer_id in args.prompt_layers:
             attach_prompt(block.attention, args)
         if layer_id in args.p_adapter_layers:
-            block.p_adapter = PAdapterLayer(args.dim, args.p_adapter_size, _pa_experts(args), args.p_adapter_hydra)
+            block.p_adapter = PAdapterLayer(args.dim, args.p_adapter_size, experts_of(args), args.p_adapter_hydra)
         if not types:
             continue  # D12: a block with no adapters has no router
-        if args.routing in TYPE_ROUTED:
-            block.routing_kind = args.routing
+        v = variant(args.routing)
+        block.routing_kind = v.block_route or None
+        if v.type_routed:
             block.type_columns = {t: i for i, t in enumerate(types)}
             block.adapter_type_router = make_type_router(args.dim, len(types), args.swi_x)
-            if args.routing == "sparse_moa":
+            if v.threshold:
                 block.adapter_threshold_fn = Gamma(args.dim, args.max_threshold, args.const_threshold)
                 block.threshold_grad = args.threshold_grad
-        elif args.routing == "unipeft":
-            block.routing_kind = "unipeft"
+        elif v.family_gates:
             block.lora_gate = linear(args.dim, 1)
             block.prompt_gate = linear(args.dim, 1)
             block.p_adapter_gate = linear(args.dim, 1)
@@ -90,22 +85,22 @@ def collect_aux_losses(llama):
 def count_trainable_params(args):
     """Trainable parameters by the closed forms of SPEC §4.2 — no model is built (works for 8B in microseconds)."""
     d, H, E, r, P, S = args.dim, args.n_heads, args.expert_num, args.lora_rank, args.prompt_len, args.p_adapter_size
+    v = variant(args.routing)
     total = 0
     for layer_id in range(args.n_layers):
         if layer_id in args.lora_layers:
             for t in args.lora_targets:
                 i, o = _target_dims(args, t)
-                if E == 1 or args.routing in ("sparse_moa", "instance_moa", "unipeft"):
+                if E == 1 or not v.expert_adapters:
                     total += r * (i + o)
-                elif args.routing == "topk_moe":
+                elif v.sparse_lora:   # router (+ noise router) per target; AdaMoLE adds its threshold Linear(i, 1)
                     total += E * r * (i + o) + (i * E + E) * (2 if args.noisy_router else 1)
-                elif args.routing == "adamole":
-                    total += E * r * (i + o) + (i * E + E) * (2 if args.noisy_router else 1) + (i + 1)
+                    total += (i + 1) if args.routing == "adamole" else 0
                 elif args.hydra_moe:
                     total += r * i + E * r * o + i * E
                 else:
                     total += E * r * (i + o) + i * E
-        pe = _pa_experts(args)
+        pe = experts_of(args)
         if layer_id in args.prompt_layers:
             total += P * d + H if pe == 1 else pe * P * d + H + (d * pe + pe)
         if layer_id in args.p_adapter_layers:
@@ -116,12 +111,12 @@ def count_trainable_params(args):
             else:
                 total += pe * (d * S + S) + pe * (S * d + d) + (d * pe + pe)
         n = len(layer_types(args, layer_id))
-        if n and args.routing in TYPE_ROUTED:
+        if n and v.type_routed:
             s = args.swi_x
             total += d * n + n if s == 0 else 2 * (d * s * n + s * n) + (s * n * n + n)
-            if args.routing == "sparse_moa" and not args.const_threshold:
+            if v.threshold and not args.const_threshold:
                 total += d + 1
-        if n and args.routing == "unipeft":
+        if n and v.family_gates:
             total += 3 * (d + 1)
     return total
 

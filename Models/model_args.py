@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from Models.moe.config import MoEConfig
+from Models.variants import ROUTINGS, VARIANTS, variant  # noqa: F401  (ROUTINGS re-exported)
 from Utils.errors import UserError
 
-ROUTINGS = ("soft_moa", "sparse_moa", "instance_moa", "unipeft", "soft_moe", "topk_moe", "adamole")
 # Type-column order is fixed by the reference code, not by the order in lora_targets (SPEC §3.1).
 LORA_TARGETS = ("Q", "K", "V", "O", "FFN_UP", "FFN_GATE", "FFN_DOWN")
 THRESHOLD_GRADS = ("none", "ste", "shifted")
@@ -157,21 +157,23 @@ class ModelArgs:
         need(self.head_dim % 2 == 0, "head_dim %d must be even for RoPE" % self.head_dim)
         need(self.hidden_act in FFN_ACTS, "hidden_act: %r is not one of %s" % (self.hidden_act, ", ".join(FFN_ACTS)))
         need(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size must be positive")
-        need(self.routing in ROUTINGS, "routing: %r is not one of %s" % (self.routing, ", ".join(ROUTINGS)))
+        need(self.routing in VARIANTS, "routing: %r is not one of %s" % (self.routing, ", ".join(ROUTINGS)))
+        v = variant(self.routing)
         need(self.threshold_grad in THRESHOLD_GRADS,
              "threshold_grad: %r is not one of %s" % (self.threshold_grad, ", ".join(THRESHOLD_GRADS)))
         need(self.dtype in DTYPES, "dtype: %r is not one of %s" % (self.dtype, ", ".join(DTYPES)))
         need(self.lora_rank > 0 and self.expert_num >= 1 and self.prompt_len > 0 and self.p_adapter_size > 0,
              "lora_rank, expert_num, prompt_len and p_adapter_size must be positive")
         need(self.swi_x >= 0, "swi_x must be >= 0")
-        if self.routing in ("topk_moe", "adamole"):
-            need(1 <= self.top_k <= self.expert_num or self.routing == "adamole",
+        if v.sparse_lora and self.routing != "adamole":  # AdaMoLE's threshold decides how many experts run
+            need(1 <= self.top_k <= self.expert_num,
                  "top_k %d must be between 1 and expert_num %d" % (self.top_k, self.expert_num))
-        need(not ("FFN_GATE" in self.lora_targets and self.routing not in ("soft_moa", "sparse_moa")),
-             "lora_targets: FFN_GATE is only supported by soft_moa and sparse_moa, not %s" % self.routing)
-        if self.routing == "sparse_moa":
-            need(self.expert_num == 1, "expert_num: sparse_moa uses single-expert adapters (expert_num 1)")
-        if self.routing == "unipeft" and (self.lora_layers or self.prompt_layers or self.p_adapter_layers):
+        need(not ("FFN_GATE" in self.lora_targets and not v.ffn_gate_target),
+             "lora_targets: FFN_GATE is only supported by %s, not %s"
+             % (" and ".join(n for n, x in VARIANTS.items() if x.ffn_gate_target), self.routing))
+        if v.single_expert:
+            need(self.expert_num == 1, "expert_num: %s uses single-expert adapters (expert_num 1)" % self.routing)
+        if v.all_layers and (self.lora_layers or self.prompt_layers or self.p_adapter_layers):
             every = set(range(self.n_layers))
             need(set(self.lora_layers) == set(self.prompt_layers) == set(self.p_adapter_layers) == every,
                  "unipeft needs LoRA, prompt and parallel adapter in every layer (0-%d)" % self.n_layers)
@@ -190,7 +192,7 @@ class ModelArgs:
 
     @property
     def is_moe_lora(self):
-        return self.routing in ("topk_moe", "adamole")
+        return variant(self.routing).sparse_lora
 
     def moe_layer_ids(self):
         """Layers whose FFN is a mixture of experts (empty for a dense model)."""
@@ -240,33 +242,21 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, path, **overrides):
-        """Hugging Face `config.json` of a LlamaForCausalLM → the equivalent Meta parameters."""
+        """Hugging Face `config.json` (LLaMA, Mixtral, Qwen2-MoE, Qwen3: Models/hf_config.py) → ModelArgs, merged
+        with `overrides`. Every field is mapped or refused; a sliding window shorter than max_seq_len is an error."""
+        from Models.hf_config import params_from_hf
         try:
             with open(path) as f:
                 cfg = json.load(f)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError("%s: cannot read Hugging Face config (%s)" % (path, e))
-        try:
-            dim, hidden = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-            params = dict(dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=int(cfg["num_attention_heads"]),
-                          n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-                          vocab_size=int(cfg["vocab_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                          rope_theta=float(cfg.get("rope_theta", 500000.0)))
-        except KeyError as e:
-            raise UserError("%s: missing field %s" % (path, e))
-        if cfg.get("tie_word_embeddings"):
-            raise UserError("%s: tie_word_embeddings=true is not a LLaMA-3 layout (output must be untied)" % path)
-        rs = cfg.get("rope_scaling") or None
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind != "llama3" or float(rs.get("factor", 8)) != 8 or float(rs.get("low_freq_factor", 1)) != 1 \
-                    or float(rs.get("high_freq_factor", 4)) != 4 \
-                    or int(rs.get("original_max_position_embeddings", 8192)) != 8192:
-                raise UserError("%s: rope_scaling %r is not Llama-3.1's (llama3, 8, 1, 4, 8192)" % (path, rs))
-            params["use_scaled_rope"] = True
-        # intermediate_size is given directly: find the multiple_of/multiplier pair reproducing it.
-        params.update(_ffn_rule_for(dim, hidden))
-        return cls.create(params, overrides, source=path)
+        params, family, window = params_from_hf(cfg, path)
+        args = cls.create(params, overrides, source=path)
+        if window is not None and window < args.max_seq_len:
+            raise UserError("%s: sliding_window %d is used by this %s config and is shorter than max_seq_len %d "
+                            "(sliding-window attention is not implemented; lower max_seq_len)"
+                            % (path, window, family, args.max_seq_len))
+        return args
 
     @classmethod
     def create(cls, params, overrides=None, source="arguments"):
@@ -299,15 +289,3 @@ class ModelArgs:
             "noisy_router": self.noisy_router, "adamole": self.routing == "adamole",
         }
 
-
-def _ffn_rule_for(dim, hidden):
-    base = int(2 * (4 * dim) / 3)
-    if hidden == base:
-        return {"multiple_of": 1, "ffn_dim_multiplier": None}
-    for mult in (1.3, 1.5, 1.0, 1.2, 1.25, 1.4, 2.0, 1.05, 1.1):
-        h = int(mult * base)
-        for mo in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
-            if mo * ((h + mo - 1) // mo) == hidden:
-                return {"multiple_of": mo, "ffn_dim_multiplier": mult}
-    # Any width is reachable with multiple_of = hidden and a multiplier that lands in (0, hidden].
-    return {"multiple_of": hidden, "ffn_dim_multiplier": hidden / base}

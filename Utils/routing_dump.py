@@ -44,6 +44,7 @@ import pickle
 import numpy as np
 
 from Models.moa import get_routing_records, set_routing_record, type_labels
+from Models.variants import variant
 
 UNIPEFT_LABELS = ["LoRA", "Prompt", "PAdapter"]
 THRESHOLD_LABEL = "Threshold"
@@ -51,7 +52,7 @@ THRESHOLD_LABEL = "Threshold"
 
 def routing_labels(args, layer):
     """Column names of a layer's type weights ([] for layers without type routing)."""
-    if args.routing == "unipeft":
+    if variant(args.routing).family_gates:
         return list(UNIPEFT_LABELS)
     return type_labels(args, layer)
 
