@@ -84,15 +84,17 @@ def test_plot_cli_refuses_code(crafted, tmp_path):
 
 
 def test_math_resume_refuses_code(crafted, tmp_path):
+    """A real run up to the point where it reads the --resume checkpoint (a tiny base and data are needed)."""
+    from Utils.tiny_checkpoint import make_tiny_checkpoint
     path, marker = crafted
-    ckpt = tmp_path / "llama"
-    ckpt.mkdir()
-    (ckpt / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                                                  "vocab_size": 128256, "multiple_of": 32}))
+    ckpt = str(tmp_path / "llama")
+    make_tiny_checkpoint(ckpt, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     data = tmp_path / "train.json"
-    data.write_text(json.dumps([{"instruction": "1 + 1?", "input": "", "output": "2", "answer": "2"}]))
-    res = subprocess.run([sys.executable, "Math.py", "--llama_path", str(ckpt), "--data_path", str(data),
-                          "--output_dir", str(tmp_path / "out"), "--lora_layers", "0-2", "--resume", str(path)],
+    data.write_text(json.dumps([{"instruction": "%d + 1?" % a, "input": "", "output": str(a + 1),
+                                 "answer": str(a + 1)} for a in range(4)]))
+    res = subprocess.run([sys.executable, "Math.py", "--llama_path", ckpt, "--data_path", str(data),
+                          "--output_dir", str(tmp_path / "out"), "--lora_layers", "0-2", "--batch_size", "2",
+                          "--max_seq_len", "64", "--progress", "false", "--resume", str(path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     err = [line for line in res.stderr.strip().splitlines() if line.startswith("error:")]
