@@ -209,23 +209,15 @@ class LLaMA_adapter(nn.Module):
         `adapter_path`: an adapter file or a directory holding one with `adapter_params.json` beside it; its
         configuration is applied before `overrides` (ModelArgs field names). Returns the model in eval mode.
         """
-        from Utils import checkpoint_io
+        from Models import checkpoints
         from Models.adapter_io import adapter_params_path, load_adapter_config, load_adapter_weights
         if not os.path.isdir(ckpt_dir):
             raise UserError("%s: checkpoint directory not found" % ckpt_dir)
         adapter_cfg = load_adapter_config(adapter_path, overrides.get("routing")) if adapter_path else {}
         merged = dict(adapter_cfg)
         merged.update({k: v for k, v in overrides.items() if v is not None})
-        meta_params = os.path.join(ckpt_dir, "params.json")
         try:
-            if os.path.isfile(meta_params):
-                args = ModelArgs.from_params_json(meta_params, **merged)
-                state = checkpoint_io.load_meta_checkpoint(ckpt_dir)
-            elif os.path.isfile(os.path.join(ckpt_dir, "config.json")):
-                args = ModelArgs.from_hf_config(os.path.join(ckpt_dir, "config.json"), **merged)
-                state = checkpoint_io.load_hf_checkpoint(ckpt_dir, args)
-            else:
-                raise UserError("%s: neither params.json (Meta) nor config.json (Hugging Face) found" % ckpt_dir)
+            args, state = checkpoints.read_checkpoint(ckpt_dir, **merged)
         except FieldError as e:  # a bad value read from adapter_params.json names that file
             if e.field in adapter_cfg and overrides.get(e.field) is None:
                 raise UserError("%s: %s" % (adapter_params_path(adapter_path), e))
@@ -237,13 +229,18 @@ class LLaMA_adapter(nn.Module):
             raise UserError("%s: tokenizer has %d ids but vocab_size is %d" % (
                 tok_source or "the LLaMA-3 tokenizer", tokenizer.n_words, args.vocab_size))
         model = cls(args, tokenizer, trainable=trainable)
-        checkpoint_io.strict_load(model.llama, state, source=ckpt_dir, allow_missing=is_adapter_param)
-        del state
+        # consume: each tensor is read (HF: from its file) and freed as it lands, never a second copy of the model
+        checkpoints.strict_load(model.llama, state, source=ckpt_dir, allow_missing=is_adapter_param, consume=True)
         if adapter_path:
             load_adapter_weights(model, adapter_path)
         model.eval()
         return model
 
+    def save_pretrained(self, out_dir):
+        """Our checkpoint of the base (params.json + consolidated.00.pth + tokenizer files), written atomically;
+        adapters are saved apart (Models.adapter_io.save_adapter). See Models.checkpoints.save_pretrained."""
+        from Models.checkpoints import save_pretrained
+        return save_pretrained(self, out_dir)
 
 
 def _tokenizer_in(ckpt_dir):

@@ -1,9 +1,10 @@
-"""Checkpoint formats for the frozen base (SPEC §1) and adapter exchange (D11): torch-free .pth and safetensors.
+"""Checkpoint file formats, torch-free: PyTorch's zip `.pth` and Hugging Face safetensors, read and written.
 
-Everything here works on `{name: numpy array}` dicts; only `strict_load` touches Jittor. bf16 has no numpy dtype, so
-it travels as its uint16 bit pattern (`Bf16Bits`) on the way out and is widened to float32 on the way in.
+Only file formats live here (no model knowledge, no Jittor): `{name: numpy array}` dicts in and out, and
+`LazyTensor`s for safetensors read one tensor at a time, so a loader never holds a whole checkpoint in numpy beside
+the model. Which name means which parameter is `Models/checkpoints.py`'s business. bf16 has no numpy dtype, so it
+travels as its uint16 bit pattern (`Bf16Bits`) on the way out and is widened to float32 on the way in.
 """
-import glob
 import io
 import json
 import os
@@ -254,8 +255,22 @@ def write_safetensors(path, state, dtype="float32"):
     _atomic_write(path, write)
 
 
-def read_safetensors(path):
-    """safetensors → {name: numpy array}; BF16 is widened to float32, other dtypes stay as stored."""
+class LazyTensor:
+    """A tensor not read yet: its shape, and a function that reads it (and applies any transforms given by `then`)."""
+
+    def __init__(self, shape, load):
+        self.shape, self._load = tuple(int(n) for n in shape), load
+
+    def load(self):
+        return self._load()
+
+    def then(self, fn, shape=None):
+        """A LazyTensor for fn(this tensor), of `shape` (default: the same shape)."""
+        return LazyTensor(self.shape if shape is None else shape, lambda: fn(self.load()))
+
+
+def _safetensors_header(path):
+    """(header dict, byte offset of the data, file size) of a safetensors file; errors name the file."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -263,165 +278,44 @@ def read_safetensors(path):
             if n > size - 8:
                 raise ValueError("header length %d exceeds the file size %d" % (n, size))
             header = json.loads(f.read(n).decode("utf-8"))
-            base, out = 8 + n, {}
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                try:
-                    dt = np.dtype(_ST_DTYPES[meta["dtype"]])
-                    begin, end = (int(v) for v in meta["data_offsets"])
-                    shape = tuple(int(v) for v in meta["shape"])
-                except (KeyError, TypeError, ValueError) as e:
-                    raise UserError("%s: tensor %r has a bad header entry (%s)" % (path, name, _first_line(e)))
-                if end - begin != int(np.prod(shape)) * dt.itemsize or base + end > size or begin < 0:
-                    raise UserError("%s: tensor %r: data_offsets %s do not fit shape %s %s in a %d-byte file"
-                                    % (path, name, [begin, end], list(shape), meta["dtype"], size))
-                f.seek(base + begin)
-                arr = np.empty(shape, dt)
-                if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
-                    raise UserError("%s: tensor %r is truncated" % (path, name))
-                out[name] = bf16_bits_to_float32(arr) if meta["dtype"] == "BF16" else arr.astype(dt.newbyteorder("="))
-            return out
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return header, 8 + n, size
     except FileNotFoundError:
         raise UserError("%s: not found (expected a safetensors file)" % path)
-    except (OSError, ValueError, struct.error, AttributeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
         raise UserError("%s: not a readable safetensors file (%s)" % (path, _first_line(e)))
 
 
-# ---------------------------------------------------------------- Meta and Hugging Face LLaMA-3 checkpoints
-# Meta's model-parallel layers (llama3 model.py): column-parallel weights split the output dim (0), row-parallel
-# weights the input dim (1); VocabParallelEmbedding splits the vocabulary (0); norms are replicated.
-_MP_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
+def _read_entry(path, name, dt, shape, begin, bf16):
+    try:
+        with open(path, "rb") as f:
+            f.seek(begin)
+            arr = np.empty(shape, dt)
+            if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                raise UserError("%s: tensor %r is truncated" % (path, name))
+    except OSError as e:
+        raise UserError("%s: cannot read tensor %r (%s)" % (path, name, _first_line(e)))
+    return bf16_bits_to_float32(arr) if bf16 else arr.astype(dt.newbyteorder("="))
 
 
-def load_meta_checkpoint(ckpt_dir):
-    """Meta `consolidated.*.pth` shards → {Meta name: float32 array} (shards merged as fairscale split them)."""
-    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-    if not paths:
-        raise UserError("%s: no consolidated.*.pth checkpoint in this directory" % ckpt_dir)
-    shards = [read_torch_pth(p) for p in paths]
-    for p, sd in zip(paths, shards):
-        if not isinstance(sd, dict) or set(sd) != set(shards[0]):
-            raise UserError("%s: holds different tensor names than %s" % (p, paths[0]))
+def read_safetensors(path, lazy=False):
+    """safetensors → {name: numpy array}; BF16 is widened to float32, other dtypes stay as stored. lazy=True gives
+    {name: LazyTensor} instead (the header is checked now, each tensor is read when loaded)."""
+    header, base, size = _safetensors_header(path)
     out = {}
-    for name in shards[0]:
-        parts = [np.asarray(sd[name], dtype=np.float32) for sd in shards]
-        axis = _MP_AXIS.get(name.split(".")[-2])
-        if len(parts) == 1 or axis is None or parts[0].ndim < 2:
-            out[name] = parts[0]  # replicated (norms) or single shard
-        else:
-            out[name] = np.concatenate(parts, axis=axis)
-    return out
-
-
-def _permute_rows(w, n_heads, inverse=False):
-    """Meta interleaved-pair rows ↔ HF rotate-half rows within each head (transformers' convert script `permute`:
-    view(heads, hd/2, 2, dim).transpose(1, 2)); inverse=True undoes it."""
-    rows, cols = w.shape
-    split = (n_heads, 2, rows // n_heads // 2, cols) if inverse else (n_heads, rows // n_heads // 2, 2, cols)
-    return w.reshape(split).transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
-_HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
-_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "output.weight"}
-
-
-def hf_from_meta(state, args):
-    """{Meta name: array} → {HF LlamaForCausalLM name: array}, wq/wk permuted to HF's rotate-half layout."""
-    top = {v: k for k, v in _HF_TOP.items()}
-    sub = {v: k for k, v in _HF_NAMES.items()}
-    out = {}
-    for name, w in state.items():
-        if name in top:
-            out[top[name]] = w
+    for name, meta in header.items():
+        if name == "__metadata__":
             continue
-        _, i, rest = name.split(".", 2)
-        module = rest[:-len(".weight")]
-        heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(module)
-        out["model.layers.%s.%s.weight" % (i, sub[module])] = _permute_rows(w, heads) if heads else w
-    return out
-
-
-def meta_from_hf(state, args, source="checkpoint"):
-    """The inverse of hf_from_meta; an HF name with no Meta counterpart is an error naming it."""
-    out = {}
-    for name, w in state.items():
-        if name in _HF_TOP:
-            out[_HF_TOP[name]] = w
-            continue
-        parts = name.split(".")
-        module = ".".join(parts[3:-1])
-        if parts[:2] != ["model", "layers"] or parts[-1] != "weight" or module not in _HF_NAMES:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # old transformers saved the RoPE table; we recompute it
-            raise UserError("%s: unexpected tensor %r (not a LlamaForCausalLM weight)" % (source, name))
-        meta = _HF_NAMES[module]
-        heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(meta)
-        if heads:
-            if w.ndim != 2 or w.shape[0] != heads * args.head_dim:
-                raise UserError("%s: tensor %r has shape %s, expected (%d, %d)"
-                                % (source, name, tuple(w.shape), heads * args.head_dim, args.dim))
-            w = _permute_rows(w, heads, inverse=True)
-        out["layers.%s.%s.weight" % (parts[2], meta)] = w
-    return out
-
-
-def load_hf_checkpoint(ckpt_dir, args=None):
-    """HF `model.safetensors` (or its shards) → {Meta name: float32 array}; args default to the dir's config.json."""
-    if args is None:
-        from Models.model_args import ModelArgs
-        args = ModelArgs.from_hf_config(os.path.join(ckpt_dir, "config.json"))
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
         try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError("%s: expected a JSON object with a 'weight_map' (%s)" % (index, _first_line(e)))
-        paths = [os.path.join(ckpt_dir, p) for p in files]
-    else:
-        paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
-    if not paths:
-        raise UserError("%s: no model.safetensors or model-*-of-*.safetensors in this directory" % ckpt_dir)
-    state = {}
-    for p in paths:
-        state.update(read_safetensors(p))
-    state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-    return meta_from_hf(state, args, source=ckpt_dir)
-
-
-# ---------------------------------------------------------------- strict loading into a Jittor module
-def strict_load(module, state, source, keys=None, allow_missing=None):
-    """Copy `state` into `module`'s parameters, refusing any missing/unexpected name or shape mismatch.
-
-    keys: None (every state_dict entry), a predicate on names, or a collection of names to load.
-    allow_missing: predicate naming module entries that may be absent from `state` (e.g. adapter parameters).
-    Values are cast to each parameter's own dtype (Jittor's load_state_dict would adopt the checkpoint's dtype).
-    """
-    from Utils.runtime import import_jittor
-    jt = import_jittor()
-    params = module.state_dict()
-    if keys is not None:
-        wanted = keys if callable(keys) else set(keys).__contains__
-        params = {k: v for k, v in params.items() if wanted(k)}
-    missing = [k for k in params if k not in state and not (allow_missing and allow_missing(k))]
-    unexpected = [k for k in state if k not in params]
-    for what, names in (("missing tensor", missing), ("unexpected tensor", unexpected)):
-        if names:
-            more = " (and %d more)" % (len(names) - 1) if len(names) > 1 else ""
-            raise UserError("%s: %s %r%s" % (source, what, names[0], more))
-    bad = [k for k in state if tuple(params[k].shape) != tuple(state[k].shape)]
-    if bad:
-        k = bad[0]
-        more = " (%d tensors mismatch)" % len(bad) if len(bad) > 1 else ""
-        raise UserError("%s: tensor %r has shape %s but the model expects %s%s"
-                        % (source, k, tuple(state[k].shape), tuple(params[k].shape), more))
-    for k, value in state.items():
-        p = params[k]
-        v = value if isinstance(value, jt.Var) else jt.array(np.asarray(value))
-        p.update(v.cast(p.dtype) if v.dtype != p.dtype else v)
-    return sorted(state)
+            dt = np.dtype(_ST_DTYPES[meta["dtype"]])
+            begin, end = (int(v) for v in meta["data_offsets"])
+            shape = tuple(int(v) for v in meta["shape"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError("%s: tensor %r has a bad header entry (%s)" % (path, name, _first_line(e)))
+        if end - begin != int(np.prod(shape)) * dt.itemsize or base + end > size or begin < 0:
+            raise UserError("%s: tensor %r: data_offsets %s do not fit shape %s %s in a %d-byte file"
+                            % (path, name, [begin, end], list(shape), meta["dtype"], size))
+        args = (path, name, dt, shape, base + begin, meta["dtype"] == "BF16")
+        out[name] = LazyTensor(shape, lambda a=args: _read_entry(*a))
+    return out if lazy else {k: v.load() for k, v in out.items()}

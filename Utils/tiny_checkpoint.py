@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 
-from Utils.checkpoint_io import bf16_bits_to_float32, hf_from_meta, to_bf16_bits, write_safetensors, write_torch_pth
+from Utils.checkpoint_io import bf16_bits_to_float32, to_bf16_bits, write_safetensors, write_torch_pth
 from Utils.cli import Parser, add_bool
 from Utils.errors import UserError, cli_main
 
@@ -84,6 +84,7 @@ def make_tiny_checkpoint(out_dir, fmt="meta", dim=64, n_layers=2, n_heads=4, n_k
             json.dump({k: v for k, v in params.items() if v is not None}, f, indent=2)
         write_torch_pth(os.path.join(out_dir, "consolidated.00.pth"), state, dtype=dtype)
     else:
+        from Models.checkpoints import hf_from_meta   # the name/RoPE layout is the model's (this tool already needs it)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(hf_config(args, dtype), f, indent=2)
         write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_from_meta(state, args), dtype=dtype)

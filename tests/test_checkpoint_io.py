@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from Models.model_args import ModelArgs
-from Utils.checkpoint_io import (Bf16Bits, bf16_bits_to_float32, hf_from_meta, load_hf_checkpoint,
-                                 load_meta_checkpoint, meta_from_hf, read_safetensors, read_torch_pth, strict_load,
-                                 to_bf16_bits, write_safetensors, write_torch_pth)
+from Models.checkpoints import hf_from_meta, load_hf_checkpoint, load_meta_checkpoint, meta_from_hf, strict_load
+from Utils.checkpoint_io import (Bf16Bits, bf16_bits_to_float32, read_safetensors, read_torch_pth, to_bf16_bits,
+                                 write_safetensors, write_torch_pth)
 from Utils.errors import UserError
 from Utils.tiny_checkpoint import main as tiny_main
 from Utils.tiny_checkpoint import make_tiny_checkpoint
