@@ -13,8 +13,10 @@ ATTN_TARGETS = ("Q", "K", "V", "O")
 
 
 def _target_dims(args, target):
-    d, dkv, F = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    return {"Q": (d, d), "K": (d, dkv), "V": (d, dkv), "O": (d, d),
+    # q and o span H·head_dim, which differs from dim when head_dim is set apart (Qwen3: 4096 vs 32·128 = 4096 at
+    # 8B, but 1024 vs 16·128 = 2048 at 0.6B)
+    d, dq, dkv, F = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    return {"Q": (d, dq), "K": (d, dkv), "V": (d, dkv), "O": (dq, d),
             "FFN_UP": (d, F), "FFN_GATE": (d, F), "FFN_DOWN": (F, d)}[target]
 
 
