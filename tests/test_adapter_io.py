@@ -13,7 +13,8 @@ from Utils.errors import UserError
 import tiny_variants
 from tiny_variants import LORA, TINY
 
-checkpoint_io = pytest.importorskip("Utils.checkpoint_io", reason="Utils/checkpoint_io.py is not importable yet")
+from Utils import checkpoint_io  # noqa: E402
+from conftest import require  # noqa: E402
 
 # Every variant of the shared table except the two single-adapter rows, with the sparse and AdaMoLE rows
 # configured away from their defaults so the saved config carries non-default values.
@@ -183,7 +184,7 @@ def test_missing_params_json_is_user_error(jt, tmp_path):
 # ------------------------------------------------------------------------------------------- real PyTorch
 @pytest.mark.parametrize("name", ["soft_moa", "sparse_moa", "topk_moe_e4_k2"])
 def test_torch_load_reads_our_file(jt, tmp_path, name):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from Models.adapter_io import save_adapter
     model = build(name, 1)
     randomize_adapters(jt, model)
@@ -198,7 +199,7 @@ def test_torch_load_reads_our_file(jt, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["soft_moa", "unipeft", "adamole_e4"])
 def test_torch_saved_reference_file_loads(jt, tmp_path, name):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from Models.adapter_io import load_adapter_weights
     model = build(name, 1)
     rng = np.random.default_rng(5)

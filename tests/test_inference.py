@@ -122,15 +122,23 @@ def test_dump_schema(assets, full_run):
 
 
 def test_plot_from_real_dump(full_run, tmp_path):
+    """The heatmaps show the dump's numbers: per layer the mean type weight (sum / tokens, then the mean Γ), and one
+    example's per-token weights exactly as dumped; the PNGs are real images."""
     from Utils.plot import load_pickle, plot_token_weight, plot_type_weight
     d = os.path.dirname(full_run["out"])
-    fig, ax, m = plot_type_weight(load_pickle(os.path.join(d, "AddSub_type_weight.pkl"), "type"),
-                                  str(tmp_path / "h.png"))
-    assert ax.images[0].get_array().shape == (2, 7)
+    tw = load_pickle(os.path.join(d, "AddSub_type_weight.pkl"), "type")
+    fig, ax, m = plot_type_weight(tw, str(tmp_path / "h.png"))
+    want = np.array([list(np.asarray(tw["layers"][l]["sum_weights"]) / tw["token_num"])
+                     + [tw["layers"][l]["sum_threshold"] / tw["token_num"]] for l in sorted(tw["layers"])])
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), want, rtol=1e-6)
+    assert [t.get_text() for t in ax.get_xticklabels()] == tw["labels"][0] + ["Threshold"]
     cases = load_pickle(os.path.join(d, "AddSub_token_weight.pkl"), "token")
     fig, ax, m = plot_token_weight(cases, 0, 1, str(tmp_path / "t.png"))
-    assert ax.images[0].get_array().shape == (len(cases[0]["words"]), 7)
-    assert os.path.getsize(tmp_path / "h.png") > 0 and os.path.getsize(tmp_path / "t.png") > 0
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), np.asarray(cases[0]["layers"][1]))
+    assert len(ax.get_yticklabels()) == len(cases[0]["words"])
+    for png in ("h.png", "t.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_pictures_from_real_dump(full_run, tmp_path):
@@ -144,7 +152,13 @@ def test_demo_pictures_from_real_dump(full_run, tmp_path):
     w.close()
     made = demo.draw_plots(str(tmp_path / "out"), str(tmp_path / "ft"), eval_dir, stem="AddSub")
     assert [os.path.basename(m) for m in made] == ["type_weight.png", "token_weight_layer1.png", "loss_curves.png"]
-    assert all(os.path.getsize(m) > 1000 for m in made)
+    # Each picture decodes to an image of the size matplotlib was asked for, and is not blank.
+    import matplotlib.image as mpimg
+    for path in made:
+        img = mpimg.imread(path)
+        assert img.ndim == 3 and min(img.shape[:2]) > 100 and float(img[..., :3].std()) > 0.01, path
+    from Utils.plot import read_scalars
+    assert read_scalars(str(tmp_path / "ft"))["c_train_loss"] == ([1, 2, 3], [2.0, 1.0, 0.0])
 
 
 def test_kill_and_resume_gives_same_file(assets, full_run):

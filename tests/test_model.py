@@ -23,9 +23,10 @@ def _hf_logits(ckpt_dir, tokens, tmp_path):
     return np.load(out_file)
 
 
-@pytest.mark.skipif(not HAS_ORACLE, reason="torch + transformers oracle not installed (requirements-test.txt)")
 @pytest.mark.parametrize("scaled", [False, True], ids=["rope", "scaled_rope"])
 def test_logits_match_huggingface_through_both_loaders(jt, tmp_path, scaled):
+    if not HAS_ORACLE:
+        pytest.fail("the torch + transformers oracle is not installed (pip install -r requirements-test.txt)")
     from Models import LLaMA_adapter
     from Utils.tiny_checkpoint import make_tiny_checkpoint
     meta_dir, hf_dir = str(tmp_path / "meta"), str(tmp_path / "hf")
