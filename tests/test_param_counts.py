@@ -201,3 +201,99 @@ def test_block_without_adapters_has_no_router(jt, routing):
     assert count_trainable_params(args) == 4 * (32 + 32) + 4 * (32 + 16) + (32 * 2 + 2) + (33 if routing == "sparse_moa" else 0)
     out = model.logits(np.arange(8).reshape(1, 8))
     assert np.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------- base counts (issue 15 §2)
+BASE = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=100, intermediate_size=48, max_seq_len=16)
+MOE4 = dict(num_experts=4, top_k=2, expert_hidden=16)
+BASES = {
+    "dense": {},
+    "dense_tied": dict(tie_word_embeddings=True),
+    "qwen3_like": dict(qk_norm=True, head_dim=16, attn_bias=True, tie_word_embeddings=True),
+    "plain_relu_ffn": dict(ffn_gated=False, hidden_act="relu"),
+    "mixtral_like": dict(moe=MOE4),
+    "qwen2_moe_like": dict(attn_bias=True, moe=dict(MOE4, layers=[1], shared_experts=1, shared_hidden=24,
+                                                    shared_gate=True)),
+    "two_shared_no_gate": dict(moe=dict(MOE4, shared_experts=2, layer_freq=2)),
+    "experts_per_layer": dict(moe=dict(MOE4, experts_per_layer=[2, 4, 6])),
+    "expert_sizes_mlp_router": dict(moe=dict(MOE4, expert_sizes=[8, 16, 24, 40], router="mlp", router_bias=True,
+                                             router_hidden=12)),
+    "gmm_noisy_plain": dict(moe=dict(MOE4, router="gmm", router_hidden=8, noisy_gating=True, gated=False,
+                                     hidden_act="gelu")),
+    "moe_tied_qk_norm": dict(tie_word_embeddings=True, qk_norm=True, moe=dict(MOE4, start_layer=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_base_count_is_the_built_models(jt, name):
+    """param_shapes is every parameter of a built Transformer (names and shapes); count_params its sum."""
+    from Models.llama import Transformer
+    from Models.param_count import count_params, param_shapes
+    args = ModelArgs(**dict(BASE, **BASES[name]))
+    built = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    shapes = param_shapes(args)
+    assert built == shapes
+    counts = count_params(args)
+    assert counts["total"] == sum(int(np.prod(s)) for s in built.values())
+    if args.moe is None:
+        assert counts["active"] == counts["total"]
+
+
+def test_active_counts_by_hand():
+    from Models.param_count import count_params
+    mixtral = ModelArgs(**dict(BASE, moe=MOE4))
+    c = count_params(mixtral)
+    assert c["total"] - c["active"] == 3 * (3 * 32 * (4 * 16 - 2 * 16))          # 2 of 4 experts idle, 3 layers
+    sizes = ModelArgs(**dict(BASE, moe=dict(MOE4, expert_sizes=[8, 16, 24, 40], noisy_gating=True)))
+    c = count_params(sizes)
+    assert c["total"] - c["active"] == 3 * (3 * 32 * (88 - (24 + 40)) + 4 * 32)  # the 2 widest run; noise is idle
+
+
+# ------------------------------------------------------------------------------------------- Qwen3-8B (issue 19)
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288,
+            "max_position_embeddings": 40960, "max_window_layers": 36, "num_attention_heads": 32,
+            "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None,
+            "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+QWEN3_MOA = dict(lora_layers="0-36", lora_rank=8, lora_alpha=8, lora_targets=QKVOD, p_adapter_layers="0-36",
+                 p_adapter_size=16)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(QWEN3_MOA, routing="soft_moa", swi_x=4), 24_337_944),
+    (dict(QWEN3_MOA, routing="sparse_moa", swi_x=4), 24_485_436),
+    (dict(QWEN3_MOA, routing="soft_moa", swi_x=0), 18_137_880),
+    (dict(lora_layers="0-36", lora_rank=8, lora_alpha=8, lora_targets=QKVOD, routing="soft_moe"), 12_386_304),
+], ids=["soft_moa", "sparse_moa", "soft_moa_swi0", "lora_r8"])
+def test_qwen3_8b_counts_from_its_config(tmp_path, overrides, expected):
+    """No weights: Qwen3-8B's config.json → ModelArgs → closed forms (documented in the README beside LLaMA-3.1-8B)."""
+    import json
+    from Models.param_count import count_params
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(QWEN3_8B))
+    args = ModelArgs.from_hf_config(str(path), **overrides)
+    assert (args.qk_norm, args.head_dim, args.rope_theta, args.tie_word_embeddings) == (True, 128, 1e6, False)
+    counts = count_params(args)
+    assert counts["total"] == counts["active"] == 8_190_735_360          # transformers' count for Qwen3-8B
+    assert counts["adapters"] == expected
+    r, d, q, kv, F = 8, 4096, 32 * 128, 8 * 128, 12288                    # the LoRA row by hand (H·hd = 4096 here)
+    if overrides["routing"] == "soft_moe":
+        assert expected == 36 * r * ((d + q) + 2 * (d + kv) + (q + d) + (F + d))
+
+
+@pytest.mark.parametrize("routing", ["soft_moa", "sparse_moa", "topk_moe"])
+def test_adapter_count_with_head_dim_apart(jt, routing):
+    """Qwen3-0.6B-like shapes (H·head_dim = 2·dim): LoRA on Q and O spans H·head_dim; built count = closed form."""
+    from Models.llama_adapter import LLaMA_adapter
+    from Models.moa import count_trainable_params
+    from Models.param_count import count_params
+    extra = dict(expert_num=2, top_k=1) if routing == "topk_moe" else dict(swi_x=2)
+    args = ModelArgs(**dict(BASE, head_dim=16, qk_norm=True, tie_word_embeddings=True, routing=routing,
+                            lora_layers="0-3", lora_rank=4, lora_targets="Q,K,V,O,FFN_DOWN", p_adapter_layers="0-3",
+                            **extra))
+    model = LLaMA_adapter(args)
+    if routing != "topk_moe":
+        assert model.llama.layers[0].attention.lora_Q.lora_B.weight.shape[0] == 4 * 16   # H·head_dim, not dim 32
+    assert model.num_trainable_params() == count_trainable_params(args) == count_params(args)["adapters"]
