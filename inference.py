@@ -18,13 +18,13 @@ loses at most one batch per rank. Dumps and timings cover the records generated 
 import json
 import math
 import os
-import pickle
 import sys
 import time
 
 import numpy as np
 
 from Utils.cli import Parser, add_bool
+from Utils.distributed import launcher_rank
 from Utils.errors import UserError, cli_main
 
 PENDING_SUFFIX = ".pending"
@@ -221,42 +221,19 @@ def _append(path, lines):
 
 
 # ---------------------------------------------------------------------------- MPI helpers
-def gather_objects(obj, world):
-    """Every rank's picklable `obj`, on every rank (a collective: all ranks call it in the same order).
-
-    Pickled bytes are packed into int32 words and summed over ranks with one row per rank: exact for integers.
-    """
-    if world == 1:
-        return [obj]
-    from Utils.runtime import import_jittor, rank
-    jt = import_jittor()
-    raw = pickle.dumps(obj, protocol=4)
-    words = -(-len(raw) // 4)
-    sizes = np.zeros(world, np.int32)
-    sizes[rank()] = len(raw)
-    sizes = jt.array(sizes).mpi_all_reduce("add").numpy()
-    width = 256  # powers of two: few distinct shapes, so Jittor compiles the all-reduce only a few times
-    while width * 4 < int(sizes.max()):
-        width *= 2
-    buf = np.zeros((world, width), np.int32)
-    buf[rank(), :words] = np.frombuffer(raw + b"\0" * (words * 4 - len(raw)), dtype=np.int32)
-    buf = jt.array(buf).mpi_all_reduce("add").numpy()
-    return [pickle.loads(buf[r].tobytes()[:int(sizes[r])]) for r in range(world)]
-
-
-def broadcast_from_main(make, world):
+def broadcast_from_main(make):
     """`make()` evaluated on rank 0 and handed to every rank; a UserError raised there stops every rank."""
-    from Utils.runtime import rank
+    from Utils import distributed as dist
     value, error = None, None
-    if rank() == 0:
+    if dist.is_main_process():
         try:
             value = make()
         except UserError as e:
             error = str(e)
-    got = gather_objects((value, error) if rank() == 0 else None, world)[0]
-    if got[1] is not None:
-        raise UserError(got[1] if rank() == 0 else "stopped: rank 0 reported an error")
-    return got[0]
+    value, error = dist.broadcast_object((value, error))
+    if error is not None:
+        raise UserError(error if dist.is_main_process() else "stopped: rank 0 reported an error")
+    return value
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -379,6 +356,7 @@ class Runner:
     def run_set(self, name, data_file, out_path):
         from Dataset.records import load_records
         from Utils.evaluate import extract_answer, is_correct
+        from Utils import distributed as dist
         from Utils.routing_dump import TokenWeightDump, TypeWeightStats, save_pickle
         a, model, tok = self.a, self.model, self.model.tokenizer
         msl = model.args.max_seq_len
@@ -394,7 +372,7 @@ class Runner:
             nonlocal writer
             writer = PredictionWriter(out_path, records)
             return writer.completed(len(records))
-        completed = broadcast_from_main(open_writer, self.world)
+        completed = broadcast_from_main(open_writer)
         todo = [i for i in range(len(records)) if not completed[i]]
         plans = plan_batches(todo, self.world, a.max_batch_size, a.dump_token_weight)
         self.dump_indices = set(todo[:a.dump_token_weight])
@@ -415,7 +393,7 @@ class Runner:
             if r < len(mine):
                 batch = mine[r]
                 payload = self._generate(batch, [prompts[i] for i in batch], stats, dumper)
-            gathered = gather_objects(payload, self.world)
+            gathered = dist.gather_objects(payload)
             if self.main:
                 results = {}
                 for pl in gathered:
@@ -436,7 +414,7 @@ class Runner:
                                 refresh=False)
         if bar is not None:
             bar.close()
-        merged = gather_objects(stats.state() if stats else None, self.world)
+        merged = dist.gather_objects(stats.state() if stats else None)
         if not self.main:
             return None
         s = stem(out_path)
@@ -513,22 +491,18 @@ def load_model(a):
     return LLaMA_adapter.from_pretrained(a.ckpt_dir, adapter_path=a.adapter_path, **overrides)
 
 
-def _mpi_rank_from_env():
-    return int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-
-
 @cli_main
 def main(argv=None):
     a = build_parser().parse_args(argv)
     try:
         check_args(a)
         if a.score_only:
-            if _mpi_rank_from_env() == 0:
+            if launcher_rank() == 0:
                 score_only(a)
             return
         run(a)
     except UserError:
-        if _mpi_rank_from_env() != 0:
+        if launcher_rank() != 0:
             sys.exit(2)  # rank 0 prints the message once
         raise
 

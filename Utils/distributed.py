@@ -15,6 +15,13 @@ from Utils.runtime import import_jittor, is_main_process, rank, world_size  # no
 _comm = {"world": None}
 
 
+def launcher_rank():
+    """This process's rank as mpirun states it in the environment, without starting MPI or Jittor (cheap paths such
+    as `inference.py --score_only`, where only rank 0 works)."""
+    import os
+    return int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+
+
 def in_mpi():
     return world_size() > 1
 

@@ -192,7 +192,7 @@ def _kill_after_first_line(assets, out):
 
 def test_two_ranks_equal_one(assets, full_run):
     if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not installed")
+        pytest.fail("mpirun is not installed (run.sh installs openmpi-bin)")
     out = str(assets["dir"] / "mpi" / "AddSub.jsonl")
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"] + _cmd(assets, out)
     res = _run(cmd)

@@ -261,7 +261,7 @@ def test_run_writes_logs_checkpoints_and_adapter(reference_run):
 
 def test_two_ranks_equal_one_process_with_same_global_batch(setup, reference_run):
     if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not installed")
+        pytest.fail("mpirun is not installed (run.sh installs openmpi-bin)")
     out = str(setup.base / "mpi")
     args = list(setup.common)
     args[args.index("--batch_size") + 1] = 2                           # 2 ranks × 2 = the reference's 4
