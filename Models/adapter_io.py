@@ -21,7 +21,7 @@ PARAMS_FILE = "adapter_params.json"
 IGNORED_KEYS = {"flash_attention2", "bf16", "expert_weight", "lb_loss", "max_batch_size", "adapter_noisy", "w_lora"}
 OUR_KEYS = {"routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "swi_x",
             "p_adapter_layers", "p_adapter_size", "p_adapter_hydra", "prompt_layers", "prompt_len", "max_seq_len",
-            "expert_num", "hydra_moe", "max_threshold", "const_threshold", "threshold_grad", "top_k",
+            "expert_num", "hydra_moe", "max_threshold", "const_threshold", "threshold_grad", "router_input", "top_k",
             "lb_loss_coeff", "noisy_router"}
 # Block-level keys the sparse_moe reference creates but SPEC §3.6 does not use: ignored when loading topk/adamole.
 SPARSE_MOE_UNUSED = ("adapter_type_router", "adapter_threshold_fn", "adapter_noise_linear")

@@ -210,6 +210,7 @@ class TransformerBlock(nn.Module):
         self.routing_kind = None
         self.type_columns = {}
         self.threshold_grad = "none"
+        self.router_input = args.router_input   # "normed": routers read attention_norm(x) (MoA_Transformers)
         self._instance_cache = None
         self._record = False
         self._last_route = None
@@ -220,8 +221,9 @@ class TransformerBlock(nn.Module):
                                 None if mask is None else mask.detach())
 
     def execute(self, x, start_pos, cos, sin, mask, use_cache=False, token_mask=None):
-        route = build_route(self, x, start_pos) or NO_ROUTE
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, route, use_cache)
+        xn = self.attention_norm(x)
+        route = build_route(self, xn if self.router_input == "normed" else x, start_pos) or NO_ROUTE
+        h = x + self.attention(xn, start_pos, cos, sin, mask, route, use_cache)
         hn = self.ffn_norm(h)
         out = h + (self.feed_forward(hn, token_mask) if self.is_moe else self.feed_forward(hn, route))
         if self.p_adapter is not None:

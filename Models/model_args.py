@@ -15,6 +15,8 @@ from Utils.errors import UserError
 # Type-column order is fixed by the reference code, not by the order in lora_targets (SPEC §3.1).
 LORA_TARGETS = ("Q", "K", "V", "O", "FFN_UP", "FFN_GATE", "FFN_DOWN")
 THRESHOLD_GRADS = ("none", "ste", "shifted")
+# What the type router and Γ read: the block input (the LLaMA3 reference) or its attention_norm (MoA_Transformers).
+ROUTER_INPUTS = ("residual", "normed")
 DTYPES = ("float32", "float16", "bfloat16")
 FFN_ACTS = ("silu", "relu", "gelu", "gelu_tanh")
 ARCH_FIELDS = ("head_dim", "qk_norm", "attn_bias", "tie_word_embeddings", "intermediate_size", "hidden_act",
@@ -127,6 +129,7 @@ class ModelArgs:
     max_threshold: float = 0.5
     const_threshold: bool = False
     threshold_grad: str = "none"
+    router_input: str = "residual"
     top_k: int = 1
     lb_loss_coeff: float = 0.001
     noisy_router: bool = False
@@ -161,6 +164,8 @@ class ModelArgs:
         v = variant(self.routing)
         need(self.threshold_grad in THRESHOLD_GRADS,
              "threshold_grad: %r is not one of %s" % (self.threshold_grad, ", ".join(THRESHOLD_GRADS)))
+        need(self.router_input in ROUTER_INPUTS,
+             "router_input: %r is not one of %s" % (self.router_input, ", ".join(ROUTER_INPUTS)))
         need(self.dtype in DTYPES, "dtype: %r is not one of %s" % (self.dtype, ", ".join(DTYPES)))
         need(self.lora_rank > 0 and self.expert_num >= 1 and self.prompt_len > 0 and self.p_adapter_size > 0,
              "lora_rank, expert_num, prompt_len and p_adapter_size must be positive")
@@ -275,7 +280,7 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     def adapter_params(self):
-        """The reference's adapter_params.json keys (SPEC §5.4) plus ours (routing, threshold_grad)."""
+        """The reference's adapter_params.json keys (SPEC §5.4) plus ours (routing, threshold_grad, router_input)."""
         return {
             "routing": self.routing, "w_bias": self.w_bias,
             "lora_layers": format_layers(self.lora_layers), "lora_rank": self.lora_rank,
@@ -285,7 +290,8 @@ class ModelArgs:
             "prompt_layers": format_layers(self.prompt_layers), "prompt_len": self.prompt_len,
             "max_seq_len": self.max_seq_len, "expert_num": self.expert_num, "hydra_moe": self.hydra_moe,
             "max_threshold": self.max_threshold, "const_threshold": self.const_threshold,
-            "threshold_grad": self.threshold_grad, "top_k": self.top_k, "lb_loss_coeff": self.lb_loss_coeff,
+            "threshold_grad": self.threshold_grad,
+            "router_input": self.router_input, "top_k": self.top_k, "lb_loss_coeff": self.lb_loss_coeff,
             "noisy_router": self.noisy_router, "adamole": self.routing == "adamole",
         }
 
