@@ -5,6 +5,11 @@ We write `adapter.pth` in PyTorch's zip format without torch (Utils.checkpoint_i
 files and we read theirs; keys are identical in both directions, no renaming. One exception on reading: our own
 Top-K / AdaMoLE files written before the modules moved up to `lora_X` carry an extra `.expert.` level, which is
 dropped (`current_names`).
+
+The official `MoA_Transformers` port (HF peft layout, docs/moa_transformers_notes.md) also loads: a directory (or
+file) with `adapter_model.bin` and `adapter_config.json`. Its keys are renamed to ours, the configuration is read off
+the tensors (its JSON does not say soft or sparse, rank, router size or threshold), and the rows of `lora_Q.lora_B` /
+`lora_K.lora_B` are permuted from HF's rotate-half RoPE layout to our interleaved one, as the base's wq/wk are.
 """
 import json
 import os
@@ -16,6 +21,7 @@ from Utils.errors import UserError
 
 ADAPTER_FILE = "adapter.pth"
 PARAMS_FILE = "adapter_params.json"
+MT_FILE, MT_CONFIG = "adapter_model.bin", "adapter_config.json"   # MoA_Transformers (peft's names)
 
 # adapter_params.json keys of the reference that carry no meaning here (accepted and ignored).
 IGNORED_KEYS = {"flash_attention2", "bf16", "expert_weight", "lb_loss", "max_batch_size", "adapter_noisy", "w_lora"}
@@ -36,15 +42,24 @@ _EXPERT_INDEX = re.compile(_TARGET + r"experts\.(?P<e>\d+)\.")
 
 
 def _resolve(path):
-    """A file, or a directory holding adapter.pth → (weights file, adapter_params.json path)."""
+    """A file, or a directory holding adapter.pth (or MoA_Transformers' adapter_model.bin) → (weights file, its
+    JSON: adapter_params.json, or adapter_config.json beside adapter_model.bin)."""
     if os.path.isdir(path):
         f = os.path.join(path, ADAPTER_FILE)
+        if not os.path.isfile(f) and os.path.isfile(os.path.join(path, MT_FILE)):
+            f = os.path.join(path, MT_FILE)
         if not os.path.isfile(f):
-            raise UserError("%s: no %s in this directory" % (path, ADAPTER_FILE))
-        return f, os.path.join(path, PARAMS_FILE)
-    if not os.path.isfile(path):
+            raise UserError("%s: no %s (or MoA_Transformers' %s) in this directory" % (path, ADAPTER_FILE, MT_FILE))
+    elif not os.path.isfile(path):
         raise UserError("%s: adapter file not found" % path)
-    return path, os.path.join(os.path.dirname(os.path.abspath(path)), PARAMS_FILE)
+    else:
+        f = path
+    config = MT_CONFIG if is_moa_transformers(f) else PARAMS_FILE
+    return f, os.path.join(os.path.dirname(os.path.abspath(f)), config)
+
+
+def is_moa_transformers(weights):
+    return os.path.basename(weights) == MT_FILE
 
 
 def adapter_params_path(path):
@@ -64,6 +79,9 @@ def read_adapter_state(path):
     state = checkpoint_io.read_torch_pth(weights)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise UserError("%s: expected a flat {name: tensor} dict of adapter weights" % weights)
+    if is_moa_transformers(weights):
+        from Models.moa_transformers import our_names
+        return our_names(state, weights)
     if "model" in state and isinstance(state["model"], dict):  # a full training checkpoint of the reference
         state = {k: v for k, v in state["model"].items() if any(s in k for s in ("lora", "prompt", "adapter"))}
     return current_names(state)
@@ -118,6 +136,10 @@ def _bad(source, key, value, expected):
 def load_adapter_config(path, routing=None):
     """ModelArgs overrides from the adapter_params.json beside an adapter file (or inside its directory)."""
     weights, params_path = _resolve(path)
+    if is_moa_transformers(weights):
+        from Models.moa_transformers import infer_config
+        cfg = infer_config(read_adapter_state(weights), weights, params_path)
+        return dict(cfg, routing=routing) if routing else cfg
     if not os.path.isfile(params_path):
         raise UserError("%s: missing %s beside the adapter file" % (os.path.dirname(params_path) or ".", PARAMS_FILE))
     try:
@@ -155,6 +177,9 @@ def load_adapter_weights(model, path):
     jt = import_jittor()
     weights, _ = _resolve(path)
     state = read_adapter_state(weights)
+    if is_moa_transformers(weights):
+        from Models.moa_transformers import to_interleaved
+        state = to_interleaved(state, model.args, weights)
     if model.args.routing in ("topk_moe", "adamole"):
         state = {k: v for k, v in state.items() if not _BLOCK_UNUSED.match(k)}
     params = dict(model.trainable_parameters())
