@@ -9,12 +9,13 @@ second copy of the weights is held; an export writes one safetensors shard at a 
 
 What each family cannot express (an export lists every such field in one error line):
 
-| family | refused |
-|---|---|
-| all | `ffn_gated=False` / `moe.gated=False` (HF FFNs are gated); dense and expert activations that differ |
-| llama, qwen3 | any MoE layer; llama: `qk_norm`; qwen3: `qk_norm=False` |
-| mixtral | a dense model; MoE not in every layer; `experts_per_layer` of different counts; `expert_sizes` of different widths; shared experts; router `mlp`/`gmm` or `router_bias`; scoring `topk_softmax`; `norm_topk_prob=False`; capacity (`capacity_factor`, `expert_capacity`); `score_scale` != 1; `attn_bias`; `qk_norm` |
-| qwen2_moe | a dense model; `head_dim` != dim/n_heads; `qk_norm`; per-layer counts / per-expert widths as above; router kind/bias; scoring; capacity; `score_scale`; shared experts without `shared_gate` |
+* every family: `ffn_gated=False` / `moe.gated=False` (HF FFNs are gated); dense and expert activations that differ.
+* llama, qwen3: any MoE layer; llama: `qk_norm`; qwen3: `qk_norm=False`.
+* mixtral: a dense model; MoE not in every layer; `experts_per_layer` of different counts; `expert_sizes` of
+  different widths; shared experts; router `mlp`/`gmm` or `router_bias`; scoring `topk_softmax`;
+  `norm_topk_prob=False`; capacity (`capacity_factor`, `expert_capacity`); `score_scale` != 1; `attn_bias`; `qk_norm`.
+* qwen2_moe: a dense model; `head_dim` != dim/n_heads; `qk_norm`; per-layer counts / per-expert widths as for
+  mixtral; router kind or bias; scoring; capacity; `score_scale`; shared experts without `shared_gate`.
 
 Exact rewrites instead of refusals: `attn_bias` on llama/qwen3 (HF's attention_bias also biases o_proj: written as
 zeros), a bias-free Qwen2-MoE (zero q/k/v biases), no shared expert on Qwen2-MoE (a width-1 zero shared expert),

@@ -119,7 +119,8 @@ def to_hf(shapes, fetch, args, family):
         for hf, hf_shape, op, arg in lay[name]:
             out[hf] = LazyTensor(hf_shape, _exporter(fetch, name, op, arg))
     if set(shapes) >= set(lay):
-        out.update({k: LazyTensor(s, lambda s=s: np.zeros(s, np.float32)) for k, s in zero_tensors(args, family).items()})
+        zeros = zero_tensors(args, family)
+        out.update({k: LazyTensor(s, lambda s=s: np.zeros(s, np.float32)) for k, s in zeros.items()})
     return out
 
 

@@ -17,7 +17,8 @@ V = 6400   # minimind's tokenizer: a real tokenizer.json that fits a tiny vocabu
 COMMON = dict(vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05,
               max_position_embeddings=256)
 QWEN2 = dict(COMMON, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-             num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, router_aux_loss_coef=0.02)
+             num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+             router_aux_loss_coef=0.02)
 CASES = {  # name: (family, transformers config)
     "mixtral": ("mixtral", dict(COMMON, intermediate_size=48, num_hidden_layers=3, num_local_experts=4,
                                 num_experts_per_tok=2, router_aux_loss_coef=0.02)),
@@ -238,7 +239,8 @@ def test_export_refuses_what_a_family_cannot_express():
         hf_config_for(ModelArgs(dim=64, n_layers=1, n_heads=4), "qwen3")
     cfg, notes = hf_config_for(ModelArgs(dim=64, n_layers=2, n_heads=4, moe=dict(
         num_experts=4, top_k=2, noisy_gating=True, aux_z=0.1)), "mixtral")
-    assert cfg["num_local_experts"] == 4 and any("noisy_gating" in n for n in notes) and any("aux_z" in n for n in notes)
+    assert cfg["num_local_experts"] == 4
+    assert any("noisy_gating" in n for n in notes) and any("aux_z" in n for n in notes)
 
 
 def test_export_cli(tmp_path, hf):

@@ -46,12 +46,12 @@ def their_state(sparse, swi_x, seed=0):
     shapes = {}
     for i in range(L):
         p = PREFIX % i
-        shapes.update({p + "self_attn.lora_Q.lora_A.weight": (R, D), p + "self_attn.lora_Q.lora_B.weight": (H * HD, R),
-                       p + "self_attn.lora_K.lora_A.weight": (R, D), p + "self_attn.lora_K.lora_B.weight": (HKV * HD, R),
-                       p + "self_attn.lora_V.lora_A.weight": (R, D), p + "self_attn.lora_V.lora_B.weight": (HKV * HD, R),
-                       p + "self_attn.lora_O.lora_A.weight": (R, H * HD), p + "self_attn.lora_O.lora_B.weight": (D, R),
-                       p + "mlp.lora_down.lora_A.weight": (R, F), p + "mlp.lora_down.lora_B.weight": (D, R),
-                       p + "p_adapter.down_proj.weight": (S, D), p + "p_adapter.down_proj.bias": (S,),
+        lora = (("self_attn.lora_Q", (R, D), (H * HD, R)), ("self_attn.lora_K", (R, D), (HKV * HD, R)),
+                ("self_attn.lora_V", (R, D), (HKV * HD, R)), ("self_attn.lora_O", (R, H * HD), (D, R)),
+                ("mlp.lora_down", (R, F), (D, R)))
+        for name, a_shape, b_shape in lora:
+            shapes.update({p + name + ".lora_A.weight": a_shape, p + name + ".lora_B.weight": b_shape})
+        shapes.update({p + "p_adapter.down_proj.weight": (S, D), p + "p_adapter.down_proj.bias": (S,),
                        p + "p_adapter.up_proj.weight": (D, S), p + "p_adapter.up_proj.bias": (D,)})
         if swi_x:
             h = swi_x * n
@@ -74,7 +74,8 @@ def write_their_dir(d, state, peft_type="SOFTMOA"):
         json.dump({"auto_mapping": None, "base_model_name_or_path": "Qwen/Qwen3-8B", "bias": "none",
                    "inference_mode": True, "init_lora_weights": True, "lora_alpha": 16, "lora_dropout": 0.0,
                    "lora_rank": 16, "peft_type": peft_type, "revision": None, "task_type": "CAUSAL_LM",
-                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}, f, indent=2, sort_keys=True)
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]},
+                  f, indent=2, sort_keys=True)
     return d
 
 
@@ -113,7 +114,8 @@ def reference_logits(hf, their, tokens, sparse, swi_x):
             z = xn @ A[a + r + ".weight"].T + A[a + r + ".bias"]
         w = 1.0 / (1.0 + np.exp(-z))                                # columns Q, K, V, O, DOWN, PA
         if sparse:
-            g = 0.5 / (1.0 + np.exp(-(xn @ A[a + "adapter_threshold_fn.weight"].T + A[a + "adapter_threshold_fn.bias"])))
+            t = xn @ A[a + "adapter_threshold_fn.weight"].T + A[a + "adapter_threshold_fn.bias"]
+            g = 0.5 / (1.0 + np.exp(-t))
             w = w * (w - g >= 0)
         q = lin("self_attn.q_proj", xn) + w[..., 0:1] * lora("self_attn.lora_Q", xn)
         k = lin("self_attn.k_proj", xn) + w[..., 1:2] * lora("self_attn.lora_K", xn)
