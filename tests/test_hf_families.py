@@ -24,6 +24,9 @@ CASES = {  # name: (family, transformers config)
                                 num_experts_per_tok=2, router_aux_loss_coef=0.02)),
     "qwen2_moe_norm": ("qwen2_moe", dict(QWEN2, norm_topk_prob=True)),
     "qwen2_moe_raw": ("qwen2_moe", dict(QWEN2, norm_topk_prob=False, num_experts_per_tok=3)),
+    "mixtral_fused": ("mixtral", dict(COMMON, intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen2_moe_fused": ("qwen2_moe", dict(QWEN2, norm_topk_prob=True)),
     "qwen3": ("qwen3", dict(COMMON, intermediate_size=96, head_dim=32, num_hidden_layers=3, tie_word_embeddings=True,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
@@ -58,7 +61,8 @@ def hf(tmp_path_factory):
     jobs, out = [], {}
     for i, (name, (family, cfg)) in enumerate(CASES.items()):
         d = os.path.join(tmp, name)
-        jobs.append({"make": d, "family": family, "config": cfg, "seed": 10 + i, "tokenizer": MINIMIND})
+        jobs.append({"make": d, "family": family, "config": cfg, "seed": 10 + i, "tokenizer": MINIMIND,
+                     "fused": name.endswith("_fused")})
         jobs.append({"run": d, "tokens": os.path.join(tmp, "tokens.npy"), "labels": os.path.join(tmp, "labels.npy"),
                      "out": d + ".npz"})
         out[name] = d
@@ -74,7 +78,12 @@ def ours(hf, jt):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_logits_equal_transformers(hf, ours, name):
+    """Per-expert files as transformers writes by default, and its stacked ("fused") form too."""
     tokens, _ = batch()
+    if name.endswith("_fused"):
+        from Utils.checkpoint_io import read_safetensors
+        keys = read_safetensors(os.path.join(hf[name][0], "model.safetensors"), lazy=True)
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys)
     got, want = ours[name].logits(tokens), hf[name][1]["logits"]
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-4

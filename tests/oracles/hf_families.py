@@ -2,9 +2,10 @@
 
 usage: python tests/oracles/hf_families.py JOBS.json
 JOBS.json is a list of jobs, run in order:
-  {"make": DIR, "family": F, "config": {...}, "seed": S, "tokenizer": TOKENIZER_DIR}
+  {"make": DIR, "family": F, "config": {...}, "seed": S, "tokenizer": TOKENIZER_DIR, "fused": false}
       random fp32 weights of transformers' own init (seeded), every 1-D weight (norms, biases) perturbed so a
-      weight that is not loaded or not permuted shows, saved with save_pretrained + the tokenizer files;
+      weight that is not loaded or not permuted shows, saved with save_pretrained (per-expert tensors, or with
+      "fused" transformers 5's own stacked gate_up_proj/down_proj) + the tokenizer files;
   {"run": DIR, "tokens": T.npy, "labels": L.npy or null, "out": O.npz}
       logits (eager attention, fp32); with labels also the loss, and for MoE models the aux_loss
       (output_router_logits=True).
@@ -33,7 +34,7 @@ def make(job):
             if p.ndim == 1:
                 base = 1.0 if "norm" in name else 0.0
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(job["make"])
+    model.save_pretrained(job["make"], save_original_format=not job.get("fused"))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(job["tokenizer"], f), os.path.join(job["make"], f))
 
