@@ -2,6 +2,8 @@
 Face families LLaMA, Mixtral, Qwen2-MoE and Qwen3 (`config.json` + safetensors) in both directions; the strict
 loader, `save_pretrained`, `export_hf` and the CLI `python -m Models.checkpoints export`.
 
+Our own layout may also hold its tensors in safetensors shards beside `params.json` (`model.safetensors`, or
+`model-*-of-*.safetensors` + `model.safetensors.index.json`, our names; `upcycle.py` writes it tensor by tensor).
 File formats are `Utils/checkpoint_io.py`; config fields `Models/hf_config.py`; tensor names and RoPE / expert
 layouts `Models/hf_layout.py`. Loading an HF directory reads one tensor at a time straight into the model, so no
 second copy of the weights is held; an export writes one safetensors shard at a time (`model.safetensors`, or
@@ -48,16 +50,19 @@ _MP_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embed
 
 
 # ------------------------------------------------------------------------------------------------ Meta / ours
-def load_meta_checkpoint(ckpt_dir):
+def load_meta_checkpoint(ckpt_dir, lazy=False):
     """Meta `consolidated.*.pth` shards → {Meta name: float32 array} (shards merged as fairscale split them). Our
-    own checkpoints (MoE included) are one shard with our parameter names."""
+    own checkpoints (MoE included) are one shard with our parameter names. lazy=True gives {name: LazyTensor}: each
+    tensor (its model-parallel parts, then merged) is read from the files only when loaded."""
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     if not paths:
         raise UserError("%s: no consolidated.*.pth checkpoint in this directory" % ckpt_dir)
-    shards = [read_torch_pth(p) for p in paths]
+    shards = [read_torch_pth(p, lazy=lazy) for p in paths]
     for p, sd in zip(paths, shards):
         if not isinstance(sd, dict) or set(sd) != set(shards[0]):
             raise UserError("%s: holds different tensor names than %s" % (p, paths[0]))
+    if lazy:
+        return {name: _lazy_merged(name, [sd[name] for sd in shards]) for name in shards[0]}
     if len(shards) == 1:   # entry by entry: a cast copy replaces its original at once, never two dicts of copies
         sd = shards[0]
         return {k: np.asarray(sd.pop(k), dtype=np.float32) for k in list(sd)}
@@ -67,6 +72,18 @@ def load_meta_checkpoint(ckpt_dir):
         axis = _MP_AXIS.get(name.split(".")[-2])
         out[name] = parts[0] if axis is None or parts[0].ndim < 2 else np.concatenate(parts, axis=axis)
     return out
+
+
+def _lazy_merged(name, parts):
+    """One LazyTensor (float32 on load) for a tensor stored as model-parallel `parts` (LazyTensors or arrays)."""
+    lazy = [p if isinstance(p, LazyTensor) else LazyTensor(np.shape(p), lambda p=p: p) for p in parts]
+    axis = _MP_AXIS.get(name.split(".")[-2])
+    if len(lazy) == 1 or axis is None or len(lazy[0].shape) < 2:
+        return lazy[0].then(lambda a: np.asarray(a, dtype=np.float32))
+    shape = list(lazy[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in lazy)
+    return LazyTensor(shape, lambda: np.concatenate([np.asarray(p.load(), np.float32) for p in lazy], axis=axis),
+                      lazy[0].dtype)
 
 
 # ------------------------------------------------------------------------------------------------ HF families
@@ -146,11 +163,15 @@ def load_hf_checkpoint(ckpt_dir, args=None):
 
 
 def read_checkpoint(ckpt_dir, **overrides):
-    """(ModelArgs, {our name: array | LazyTensor}) of a Meta/our (`params.json`) or HF (`config.json`) directory."""
+    """(ModelArgs, {our name: array | LazyTensor}) of a Meta/our (`params.json` + `consolidated.*.pth`, or our names
+    in `*.safetensors` shards) or HF (`config.json`) directory."""
     if not os.path.isdir(ckpt_dir):
         raise UserError("%s: checkpoint directory not found" % ckpt_dir)
     if os.path.isfile(os.path.join(ckpt_dir, "params.json")):
         args = ModelArgs.from_params_json(os.path.join(ckpt_dir, "params.json"), **overrides)
+        if not glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")) and \
+                glob.glob(os.path.join(ckpt_dir, "*.safetensors")):
+            return args, hf_entries(ckpt_dir)   # our names in (sharded) safetensors, as upcycle.py writes them
         return args, load_meta_checkpoint(ckpt_dir)
     if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
         args = ModelArgs.from_hf_config(os.path.join(ckpt_dir, "config.json"), **overrides)

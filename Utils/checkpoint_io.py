@@ -22,6 +22,8 @@ _STORAGES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2"
              "ByteStorage": "u1", "BoolStorage": "?"}
 _ST_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
               "I8": "i1", "U8": "u1", "BOOL": "?"}
+_DTYPE_NAMES = {"<f4": "float32", "<f8": "float64", "<f2": "float16", "<u2": "bfloat16", "<i8": "int64",
+                "<i4": "int32", "<i2": "int16", "|i1": "int8", "|u1": "uint8", "|b1": "bool"}  # LazyTensor.dtype
 _ALIGN = 64  # torch's PyTorchStreamWriter aligns every record's data to 64 bytes (kFieldAlignment)
 
 
@@ -56,7 +58,7 @@ def _encode(value, dtype):
     if dtype and a.dtype.kind == "f":
         if dtype == "bfloat16":
             return "bf16", to_bf16_bits(a)
-        a = a.astype(dtype)
+        a = a.astype(dtype, copy=False)
     a = _contiguous(a).astype(a.dtype.newbyteorder("<"), copy=False)
     return a.dtype.str, a
 
@@ -158,17 +160,75 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # bounds check: never read outside the storage
     if offset < 0 or min(stride, default=0) < 0 or last >= storage.size:
         raise ValueError("a tensor of size %s reaches past its storage of %d elements" % (size, storage.size))
+    if isinstance(storage, _LazyStorage):
+        return storage.tensor(offset, last, size, stride)
+    return _strided(storage, offset, size, stride)
+
+
+def _strided(storage, offset, size, stride):
     view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * storage.itemsize for s in stride])
     # A view covering its whole storage contiguously is returned as is: no second copy of a large weight.
     return view if view.flags.c_contiguous and view.size == storage.size else view.copy()
 
 
-class _PthUnpickler(pickle.Unpickler):
-    """Weights-only unpickling: tensors become numpy arrays; any other global is refused (no code execution)."""
+def _native_array(x):
+    x = x.astype(x.dtype.newbyteorder("="), copy=False)
+    # uint16 only ever comes from BFloat16Storage: torch's uint16 storages are not in _STORAGES.
+    return bf16_bits_to_float32(x) if x.dtype == np.uint16 else x
 
-    def __init__(self, data, zf, prefix, order):
+
+class _LazyStorage:
+    """Where one storage's bytes lie in the zip (read on demand, only the element range a tensor covers)."""
+
+    def __init__(self, path, zf, entry, dt, numel):
+        self.path, self.entry, self.dtype, self.size, self.itemsize = path, entry, dt, int(numel), dt.itemsize
+        info = zf.getinfo(entry)
+        if info.file_size < self.size * self.itemsize:
+            raise EOFError("storage %s is shorter than %d elements" % (entry, self.size))
+        self.data_start = None
+        if info.compress_type == zipfile.ZIP_STORED:  # torch writes stored records: plain file offsets
+            zf.fp.seek(info.header_offset)
+            local = zf.fp.read(30)
+            n, e = struct.unpack("<HH", local[26:30])
+            self.data_start = info.header_offset + 30 + n + e
+
+    def read(self, start, count):
+        arr = np.empty(count, self.dtype)
+        buf, got = memoryview(arr).cast("B"), 0
+        try:
+            if self.data_start is not None:
+                with open(self.path, "rb") as f:
+                    f.seek(self.data_start + start * self.itemsize)
+                    got = f.readinto(buf)
+            else:
+                with zipfile.ZipFile(self.path) as zf, zf.open(self.entry) as f:
+                    f.seek(start * self.itemsize)
+                    while got < arr.nbytes:
+                        n = f.readinto(buf[got:])
+                        if not n:
+                            break
+                        got += n
+        except (OSError, zipfile.BadZipFile) as e:
+            raise UserError("%s: cannot read %s (%s)" % (self.path, self.entry, _first_line(e)))
+        if got != arr.nbytes:
+            raise UserError("%s: %s is truncated" % (self.path, self.entry))
+        return arr
+
+    def tensor(self, offset, last, size, stride):
+        def load():
+            part = self.read(offset, last - offset + 1)
+            return _native_array(_strided(part, 0, size, stride))
+        return LazyTensor(size, load, _DTYPE_NAMES[self.dtype.newbyteorder("<").str])
+
+
+class _PthUnpickler(pickle.Unpickler):
+    """Weights-only unpickling: tensors become numpy arrays (or LazyTensors when `lazy`); any other global is refused
+    (no code execution)."""
+
+    def __init__(self, data, zf, prefix, order, lazy_path=None):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self.zf, self.prefix, self.order, self.storages = zf, prefix, order, {}
+        self.lazy_path = lazy_path
 
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -187,8 +247,12 @@ class _PthUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError("unsupported storage %r" % (pid,))
         if key not in self.storages:
             dt = np.dtype(_STORAGES[storage]).newbyteorder(self.order)
+            entry = self.prefix + "data/" + str(key)
+            if self.lazy_path is not None:
+                self.storages[key] = _LazyStorage(self.lazy_path, self.zf, entry, dt, numel)
+                return self.storages[key]
             arr = np.empty(int(numel), dt)
-            with self.zf.open(self.prefix + "data/" + str(key)) as f:
+            with self.zf.open(entry) as f:
                 buf, got = memoryview(arr).cast("B"), 0
                 while got < arr.nbytes:
                     n = f.readinto(buf[got:])
@@ -199,8 +263,12 @@ class _PthUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def read_torch_pth(path):
-    """torch.save'd state dict → {name: numpy array}; bf16 comes back as float32, other dtypes as they were."""
+def read_torch_pth(path, lazy=False):
+    """torch.save'd state dict → {name: numpy array}; bf16 comes back as float32, other dtypes as they were.
+
+    lazy=True gives {name: LazyTensor} instead: only the pickle is read now; each tensor reads just the bytes of
+    its own storage range when loaded, so a converter holds one tensor at a time, not the file.
+    """
     if not os.path.isfile(path):
         raise UserError("%s: not found (expected a PyTorch checkpoint)" % path)
     try:
@@ -211,7 +279,8 @@ def read_torch_pth(path):
                 raise KeyError("no data.pkl record")
             prefix = pkl[0][:-len("data.pkl")]
             big = prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() == b"big"
-            obj = _PthUnpickler(zf.read(pkl[0]), zf, prefix, ">" if big else "<").load()
+            obj = _PthUnpickler(zf.read(pkl[0]), zf, prefix, ">" if big else "<",
+                                lazy_path=path if lazy else None).load()
     except (zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError, IndexError, AttributeError,
             pickle.UnpicklingError, struct.error, OSError) as e:
         raise UserError("%s: not a readable PyTorch checkpoint (%s)" % (path, _first_line(e)))
@@ -219,11 +288,7 @@ def read_torch_pth(path):
     def native(x):
         if isinstance(x, dict):
             return {k: native(v) for k, v in x.items()}
-        if isinstance(x, np.ndarray):
-            x = x.astype(x.dtype.newbyteorder("="), copy=False)
-            # uint16 only ever comes from BFloat16Storage: torch's uint16 storages are not in _STORAGES.
-            return bf16_bits_to_float32(x) if x.dtype == np.uint16 else x
-        return x
+        return _native_array(x) if isinstance(x, np.ndarray) else x
     return native(obj)
 
 
@@ -233,40 +298,93 @@ def _first_line(e):
 
 
 # ---------------------------------------------------------------- safetensors (Hugging Face)
-def write_safetensors(path, state, dtype="float32"):
-    """{name: array | Bf16Bits} → safetensors; floats are stored as dtype ('float32', 'float16', 'bfloat16')."""
+def write_safetensors(path, state, dtype="float32", progress=None):
+    """{name: array | Bf16Bits | LazyTensor} → safetensors; floats are stored as dtype ('float32', 'float16',
+    'bfloat16'). A LazyTensor (floating point) is read only while it is written, block by block (`iter_chunks`), so
+    a writer of lazy tensors holds one block at a time; `progress(n_bytes)` is called after each block."""
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0  # transformers refuses files without format
     codes = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
+    lazy_kind = "bf16" if dtype == "bfloat16" else np.dtype(dtype or "float32").newbyteorder("<").str
     for name, value in state.items():
-        kind, arr = _encode(value, dtype)
+        if isinstance(value, LazyTensor):
+            if value.dtype is not None and not _is_float_name(value.dtype):
+                raise UserError("%s: lazy tensor %r has dtype %s (only floating-point tensors stream)"
+                                % (path, name, value.dtype))
+            kind, shape, arr = lazy_kind, value.shape, value
+            nbytes = int(np.prod(shape)) * (2 if kind == "bf16" else np.dtype(kind).itemsize)
+        else:
+            kind, arr = _encode(value, dtype)
+            shape, nbytes = arr.shape, arr.nbytes
         code = "BF16" if kind == "bf16" else codes.get(np.dtype(kind))
         if code is None:
             raise UserError("%s: tensor %r has dtype %s, which safetensors cannot hold" % (path, name, kind))
-        header[str(name)] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        blobs.append(arr)
-        offset += arr.nbytes
+        header[str(name)] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        blobs.append((str(name), kind, arr, nbytes))
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the reference writer pads the header so tensor data stays 8-byte aligned
 
     def write(f):
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for arr in blobs:
-            f.write(memoryview(arr.reshape(-1)).cast("B"))
+        for name, kind, arr, nbytes in blobs:
+            if not isinstance(arr, LazyTensor):
+                f.write(memoryview(arr.reshape(-1)).cast("B"))
+                if progress is not None:
+                    progress(nbytes)
+                continue
+            written = 0
+            for block in arr.iter_chunks():
+                got, data = _encode(block, dtype or "float32")
+                if got != kind:
+                    raise ValueError("tensor %r: a block of dtype %s, expected %s" % (name, got, kind))
+                f.write(memoryview(data.reshape(-1)).cast("B"))
+                written += data.nbytes
+                if progress is not None:
+                    progress(data.nbytes)
+                del block, data   # one block at a time
+            if written != nbytes:   # a short or long tensor would shift every later tensor: refuse the file
+                raise ValueError("tensor %r: its blocks hold %d bytes, its shape %s needs %d"
+                                 % (name, written, list(arr.shape), nbytes))
     _atomic_write(path, write)
 
 
-class LazyTensor:
-    """A tensor not read yet: its shape, and a function that reads it (and applies any transforms given by `then`)."""
+def _is_float_name(name):
+    return name in ("float32", "float64", "float16", "bfloat16")
 
-    def __init__(self, shape, load):
-        self.shape, self._load = tuple(int(n) for n in shape), load
+
+class LazyTensor:
+    """A tensor not read yet: its shape, and a function that reads it (and applies any transforms given by `then`).
+
+    `dtype` is the stored dtype when a reader knows it ("float32", "bfloat16", "int64", ...; bf16 still loads as
+    float32). A tensor made `from_chunks` is a concatenation of row blocks along axis 0 that a streaming writer
+    produces and writes one block at a time (`iter_chunks`), so the whole tensor is never held at once.
+    """
+
+    def __init__(self, shape, load, dtype=None):
+        self.shape, self._load, self.dtype = tuple(int(n) for n in shape), load, dtype
+        self._chunks = None
+
+    @classmethod
+    def from_chunks(cls, shape, chunks, dtype=None):
+        """A tensor whose rows are the concatenation of what the callables `chunks` return, in order."""
+        t = cls(shape, lambda: np.concatenate([np.asarray(f()) for f in chunks], 0), dtype)
+        t._chunks = list(chunks)
+        return t
 
     def load(self):
         return self._load()
 
+    def iter_chunks(self):
+        """Row blocks whose concatenation is the tensor (one block: the whole tensor)."""
+        if self._chunks is None:
+            yield self.load()
+            return
+        for f in self._chunks:
+            yield f()
+
     def then(self, fn, shape=None):
         """A LazyTensor for fn(this tensor), of `shape` (default: the same shape)."""
-        return LazyTensor(self.shape if shape is None else shape, lambda: fn(self.load()))
+        return LazyTensor(self.shape if shape is None else shape, lambda: fn(self.load()), self.dtype)
 
 
 def _safetensors_header(path):
@@ -317,5 +435,5 @@ def read_safetensors(path, lazy=False):
             raise UserError("%s: tensor %r: data_offsets %s do not fit shape %s %s in a %d-byte file"
                             % (path, name, [begin, end], list(shape), meta["dtype"], size))
         args = (path, name, dt, shape, base + begin, meta["dtype"] == "BF16")
-        out[name] = LazyTensor(shape, lambda a=args: _read_entry(*a))
+        out[name] = LazyTensor(shape, lambda a=args: _read_entry(*a), _DTYPE_NAMES[dt.str])
     return out if lazy else {k: v.load() for k, v in out.items()}
