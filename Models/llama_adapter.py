@@ -110,6 +110,13 @@ class LLaMA_adapter(nn.Module):
         params = dict(self.named_parameters())
         return [(n, params[n]) for n in self._trainable_names]
 
+    def gradientless_parameters(self):
+        """Trainable parameters the loss never reaches: sparse MoA's threshold Γ with threshold_grad "none" (the
+        reference's mask is a comparison, so Γ gets no gradient). Optimizers leave them untouched, as torch does."""
+        if self.args.threshold_grad != "none":
+            return []
+        return [n for n in self._trainable_names if ".adapter_threshold_fn." in n]
+
     def num_trainable_params(self):
         return int(sum(int(np.prod(p.shape)) for _, p in self.trainable_parameters()))
 

@@ -49,7 +49,9 @@ class AdamW:
             g["lr"] = lr
 
     def step(self, grads):
-        """Apply one update; `grads` maps parameter name → gradient Var (already averaged over ranks)."""
+        """Apply one update; `grads` maps parameter name → gradient Var (already averaged over ranks). A parameter
+        missing from `grads` is left alone — no decay, no moment update — as torch.optim.AdamW skips a parameter
+        whose .grad is None."""
         self.step_count += 1
         b1, b2 = self.betas
         bc1 = 1.0 - b1 ** self.step_count
@@ -58,6 +60,8 @@ class AdamW:
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for name, p in group["named"]:
+                if name not in grads:
+                    continue
                 g = grads[name].float32()
                 st = self.state[name]
                 m = st["m"] * b1 + g * (1.0 - b1)

@@ -93,6 +93,9 @@ class Trainer:
         if not self.named:
             raise UserError("nothing to train: the model has no trainable parameters")
         self.params = [p for _, p in self.named]
+        # Trainable parameters that get no gradient by construction (sparse MoA's Γ in the reference's mode): the
+        # optimizer skips them like torch skips a parameter whose .grad is None, weight decay included.
+        self.gradientless = set(model.gradientless_parameters()) if hasattr(model, "gradientless_parameters") else set()
         self.optimizer = optimizer or AdamW(param_groups(self.named, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)
         self.scaler = LossScaler(cfg.loss_scaling)
         self.state = TrainState()
@@ -216,7 +219,7 @@ class Trainer:
             if cfg.clip_grad and finite:
                 grads, _ = clip_by_global_norm(grads, cfg.clip_grad, norm)
         if finite:
-            self.optimizer.step({n: g for (n, _), g in zip(self.named, grads)})
+            self.optimizer.step({n: g for (n, _), g in zip(self.named, grads) if n not in self.gradientless})
         else:
             self.state.skipped_steps += 1
             record["skipped"] = True

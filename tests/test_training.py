@@ -409,3 +409,31 @@ def test_strict_booleans():
     args = Math.parse_args(["--w_bias", "no"])
     assert args.w_bias is False and args.warmup_epochs == 1.0
     assert Math.parse_args(["--routing", "topk_moe"]).warmup_epochs == 40.0      # SPEC §5.1
+
+
+def test_gradientless_threshold_is_not_decayed(jt, tokenizer):
+    """Sparse MoA's Γ gets no gradient in the reference's mode; torch's AdamW then skips it entirely (no weight
+    decay either), so after training with weight decay Γ must still hold its initial values, while the adapters
+    that do get gradients have moved."""
+    from Dataset.finetune_dataset import FinetuneData
+    from engine_finetune import AdamW, param_groups, train_one_epoch
+    from Models.llama_adapter import LLaMA_adapter
+    from Models.model_args import ModelArgs
+    from Models.tokenizer import Tokenizer
+    from Utils.runtime import seed_everything
+    seed_everything(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32, max_seq_len=64,
+                     routing="sparse_moa", lora_layers="0-2", lora_rank=4, lora_targets="Q,V", p_adapter_layers="0-2",
+                     p_adapter_size=8)
+    model = LLaMA_adapter(args, Tokenizer())
+    model.train()
+    before = model.adapter_state_dict()
+    gamma = [n for n in before if "adapter_threshold_fn" in n]
+    assert sorted(gamma) == sorted(model.gradientless_parameters()) and len(gamma) == 4
+    data = FinetuneData.from_records(_records(12), tokenizer, 64, 4)
+    trainer = _trainer(model, data, AdamW(param_groups(model.trainable_parameters(), 0.5), 1e-2))
+    train_one_epoch(trainer, 0)
+    after = model.adapter_state_dict()
+    for n in gamma:
+        assert np.array_equal(after[n], before[n]), n
+    assert any(not np.array_equal(after[n], before[n]) for n in after if "lora_A" in n)
