@@ -301,3 +301,19 @@ def _is_hf_config(path):
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and ("hidden_size" in d or "model_type" in d)
+
+
+# ------------------------------------------------------------------------------------------------ after training
+def expert_spread(blocks):
+    """How far a layer's copied experts have moved apart: `blocks` is a list of [E, ...] arrays (each expert's slice
+    of w1, w3, w2); returns {"distance": mean pairwise ‖v_a − v_b‖ / mean ‖v_e‖, "cosine": mean pairwise cosine}
+    over the experts' concatenated weights (0 and 1 right after upcycling without noise)."""
+    E = blocks[0].shape[0]
+    v = np.concatenate([np.asarray(b, np.float64).reshape(E, -1) for b in blocks], 1)
+    norms = np.linalg.norm(v, axis=1)
+    pairs = [(a, b) for a in range(E) for b in range(a + 1, E)]
+    if not pairs:
+        return {"distance": 0.0, "cosine": 1.0}
+    dist = np.mean([np.linalg.norm(v[a] - v[b]) for a, b in pairs]) / max(norms.mean(), 1e-30)
+    cos = np.mean([v[a] @ v[b] / max(norms[a] * norms[b], 1e-30) for a, b in pairs])
+    return {"distance": float(dist), "cosine": float(cos)}
