@@ -1,9 +1,9 @@
 """Which of the project's CPU kernels may run: one configuration, read once from the environment at import.
 
-Every kernel in `Models/kernels.py`, `Models/losses.py` and `Models/moe/experts.py` has a Jittor fall-back and runs
-only where it applies (fp32 on the CPU, with g++/clang, and oneDNN where it calls dnnl_sgemm). On top of that each
-can be switched off for comparison or debugging; `MOA_KERNELS=0` switches them all off. Values: 1/true/yes/on or
-0/false/no/off; anything else is an error at start-up.
+Every kernel in `Models/kernels.py`, `Models/adapter_kernels.py`, `Models/losses.py` and `Models/moe/experts.py`
+has a Jittor fall-back and runs only where it applies (fp32 on the CPU, with g++/clang, and oneDNN where it calls
+dnnl_sgemm). On top of that each can be switched off for comparison or debugging; `MOA_KERNELS=0` switches them all
+off. Values: 1/true/yes/on or 0/false/no/off; anything else is an error at start-up.
 
 | environment variable | field | kernel |
 |---|---|---|
@@ -15,6 +15,7 @@ can be switched off for comparison or debugging; `MOA_KERNELS=0` switches them a
 | MOA_FUSED_SWIGLU | fused_swiglu | silu(gate)·up, forward and backward |
 | MOA_FEW_ROWS_KERNEL | few_rows | decode-time projections and head that stream each weight once for all sequences |
 | MOA_GROUPED_EXPERTS | grouped_experts | MoE experts on their token blocks straight from the stacked weights |
+| MOA_FUSED_ADAPTERS | fused_adapters | decode-time router, LoRA, prompt and parallel adapter (adapter_kernels.py) |
 
 `used` counts, per field, how many times a kernel was chosen while building graphs: tests read it to make sure a
 comparison "kernel on vs off" really exercised the kernel.
@@ -40,6 +41,7 @@ class KernelConfig:
     fused_swiglu: bool = True
     few_rows: bool = True
     grouped_experts: bool = True
+    fused_adapters: bool = True
 
     @staticmethod
     def env_name(field):
