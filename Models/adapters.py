@@ -7,6 +7,7 @@ adapter files move between the two implementations without renaming.
 """
 import math
 
+from Models.kernel_config import enabled, note_used
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -273,9 +274,29 @@ def attach_prompt(attention, args):
         attention.prompt_router = linear(args.dim, E)
 
 
-def prompt_attention(attention, q, x):
+def prompt_keys_values(attention, dtype, start_pos=0, use_cache=False):
+    """The prompt rows through the frozen wk / wv (no norm, no RoPE): keys and values [E·P, H_kv·hd].
+
+    They depend only on wk, wv and the prompt table, so while decoding (no gradient, a KV cache,
+    MOA_FUSED_ADAPTERS on) they are computed by a generation's first forward (start_pos 0) and reused by its later
+    steps; every start_pos 0 forward computes them anew, and Attention.free_cache (end of a generation, train())
+    drops them, so a weight update is always seen by the next generation.
+    """
+    keep = jt.flags.no_grad and use_cache and enabled("fused_adapters")
+    cached = attention._prompt_kv
+    if keep and start_pos > 0 and cached is not None and cached[0].dtype == dtype:
+        note_used("fused_adapters")
+        return cached
+    pm = attention.prompt.weight.cast(dtype)                                       # [E·P, d]
+    kv = (attention.wk(pm), attention.wv(pm))
+    attention._prompt_kv = kv if keep else None
+    return kv
+
+
+def prompt_attention(attention, q, x, kv=None):
     """Zero-gated prompt attention (SPEC §2.5). q: RoPE'd queries grouped by KV head, [B·H_kv, n_rep·T, hd]
-    (head h = j·n_rep + r under KV head j, as in Attention.execute); x: the attention-normed input [B, T, d].
+    (head h = j·n_rep + r under KV head j, as in Attention.execute); x: the attention-normed input [B, T, d];
+    kv: the prompt's keys and values (prompt_keys_values; computed here when None).
 
     Keys/values of the prompt go through the frozen wk/wv (no norm, no RoPE); their softmax is separate from the
     causal one; the per-head gate multiplies the probabilities. Returns [B, H, T, hd].
@@ -285,12 +306,11 @@ def prompt_attention(attention, q, x):
     Hkv, rep, hd = attention.n_kv_heads, attention.n_rep, attention.head_dim
     E, P = attention.prompt_experts, attention.prompt_len
     R = E * P
-    pm = attention.prompt.weight.cast(q.dtype)                                     # [E·P, d]
 
-    def per_group(w):  # prompt rows through a frozen projection → [B·H_kv, E·P, hd]
-        return w(pm).reshape(R, Hkv, hd).transpose(1, 0, 2).broadcast((B, Hkv, R, hd)).reshape(B * Hkv, R, hd)
+    def per_group(p):  # prompt rows through a frozen projection [E·P, H_kv·hd] → [B·H_kv, E·P, hd]
+        return p.reshape(R, Hkv, hd).transpose(1, 0, 2).broadcast((B, Hkv, R, hd)).reshape(B * Hkv, R, hd)
 
-    kp, vp = per_group(attention.wk), per_group(attention.wv)
+    kp, vp = (per_group(p) for p in (kv or prompt_keys_values(attention, q.dtype)))
     scores = batched_matmul(q, kp, transpose_b=True).float32() / math.sqrt(hd)     # [B·H_kv, n_rep·T, E·P]
     probs = nn.softmax(scores, dim=-1).cast(q.dtype).reshape(B, Hkv, rep, T, R)
     probs = probs * attention.prompt_gate.cast(q.dtype).reshape(1, Hkv, rep, 1, 1)

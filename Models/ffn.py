@@ -5,15 +5,12 @@ MoA's FFN-side LoRA adapters (FFN_UP, FFN_GATE, FFN_DOWN) live on the dense FFN'
 set of projections per expert, so those targets are refused there (attention LoRA, prompts and the parallel adapter
 attach to any layer).
 """
+from Models.adapter_kernels import add_adapter, lora_swiglu
 from Models.kernels import few_rows_swiglu, swiglu
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
 nn = jt.nn
-
-
-def _add(base, delta):
-    return base if delta is None else base + delta.cast(base.dtype)
 
 
 def activation(name, x):
@@ -37,21 +34,19 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, hidden, bias=False) if self.gated else None  # up
         self.lora_GATE = self.lora_UP = self.lora_DOWN = None  # on w1, w3, w2 (Models.moa.attach_adapters)
 
-    def _lora(self, name, x, route):
-        mod = getattr(self, name)
-        return None if mod is None else route.apply(name, mod, x)
-
     def execute(self, x, route):
         u = None
         if not self.gated:
-            u = activation(self.act, _add(self.w1(x), self._lora("lora_GATE", x, route)))
+            u = activation(self.act, add_adapter(self.w1(x), "lora_GATE", self.lora_GATE, x, route))
         elif self.act == "silu" and self.lora_GATE is None and self.lora_UP is None:
             u = few_rows_swiglu(x, self.w1, self.w3)   # decoding: gate, up and silu·up in one kernel call
+        elif self.act == "silu":                       # the same with their LoRAs (Models/adapter_kernels.py)
+            u = lora_swiglu(x, self.w1, self.w3, self.lora_GATE, self.lora_UP, route)
         if u is None:
-            gate = _add(self.w1(x), self._lora("lora_GATE", x, route))
-            up = _add(self.w3(x), self._lora("lora_UP", x, route))
+            gate = add_adapter(self.w1(x), "lora_GATE", self.lora_GATE, x, route)
+            up = add_adapter(self.w3(x), "lora_UP", self.lora_UP, x, route)
             u = swiglu(gate, up) if self.act == "silu" else activation(self.act, gate) * up
-        return _add(self.w2(u), self._lora("lora_DOWN", u, route))
+        return add_adapter(self.w2(u), "lora_DOWN", self.lora_DOWN, u, route)
 
 
 def make_ffn(args, layer_id):

@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from Models.adapters import prompt_attention
+from Models.adapter_kernels import add_adapter, lora_projections, parallel_adapter_add, prompt_attention_add
+from Models.adapters import prompt_attention, prompt_keys_values
 from Models.ffn import is_moe, make_ffn
 from Models.kernels import (batched_matmul, causal_softmax, causal_softmax_available, few_rows_matmul_t,
                             few_rows_projections, rms_norm, rope)
@@ -107,6 +108,9 @@ class NoRoute:
     def scale(self, name, delta):
         return delta
 
+    def weight_of(self, name):
+        return None   # the adapter kernels then weight by 1
+
 
 NO_ROUTE = NoRoute()
 
@@ -135,21 +139,33 @@ class Attention(nn.Module):
         self.prompt = self.prompt_gate = self.prompt_router = None
         # Underscore names: KV caches must never become parameters (JITTOR_NOTES A1).
         self._cache_k = self._cache_v = None
+        self._prompt_kv = None    # the prompt adapter's keys / values within a generation (prompt_keys_values)
 
     def free_cache(self):
-        self._cache_k = self._cache_v = None
+        self._cache_k = self._cache_v = self._prompt_kv = None
 
-    def _lora(self, name, x, route):
-        mod = getattr(self, name)
-        return None if mod is None else route.apply(name, mod, x)
+    def _qkv(self, x, route):
+        """q, k, v with their route-weighted LoRA deltas. Decoding: the three projections in one weight-streaming
+        call (Models/kernels.py), with the LoRAs in the same call when there are any (Models/adapter_kernels.py)."""
+        names = ("lora_Q", "lora_K", "lora_V")
+        linears = [self.wq, self.wk, self.wv]
+        fused = lora_projections(x, linears, [getattr(self, n) for n in names], names, route)
+        if fused is not None:
+            return fused
+        base = few_rows_projections(x, linears) or [lin(x) for lin in linears]
+        return [add_adapter(b, n, getattr(self, n), x, route) for b, n in zip(base, names)]
+
+    def _prompt(self, q, x, output, route, start_pos, use_cache):
+        """output + the route-weighted zero-gated prompt (SPEC §2.5): one kernel call when decoding."""
+        kv = prompt_keys_values(self, q.dtype, start_pos, use_cache)   # kept for the generation when decoding
+        fused = prompt_attention_add(self, q, output, kv, route)
+        if fused is not None:
+            return fused
+        return _add(output, route.scale("prompt", prompt_attention(self, q, x, kv)))
 
     def execute(self, x, start_pos, cos, sin, mask, route=NO_ROUTE, use_cache=False):
         B, T, _ = x.shape
-        # Decoding: the three projections in one weight-streaming kernel call (Models/kernels.py).
-        base = few_rows_projections(x, [self.wq, self.wk, self.wv]) or [self.wq(x), self.wk(x), self.wv(x)]
-        xq = _add(base[0], self._lora("lora_Q", x, route))
-        xk = _add(base[1], self._lora("lora_K", x, route))
-        xv = _add(base[2], self._lora("lora_V", x, route))
+        xq, xk, xv = self._qkv(x, route)
         xq = xq.reshape(B, T, self.n_heads, self.head_dim)
         xk = xk.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -191,9 +207,9 @@ class Attention(nn.Module):
         output = batched_matmul(probs, values).reshape(B, self.n_heads, T, hd)         # [B, H, T, hd]
         if self.prompt is not None:
             # Zero-gated prompt (SPEC §2.5): own softmax over prompt slots, frozen wk/wv, weighted by the route.
-            output = _add(output, route.scale("prompt", prompt_attention(self, q, x)))
+            output = self._prompt(q, x, output, route, start_pos, use_cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, T, -1)           # [B, T, H·hd]
-        return _add(self.wo(output), self._lora("lora_O", output, route))
+        return add_adapter(self.wo(output), "lora_O", self.lora_O, output, route)
 
 
 class TransformerBlock(nn.Module):
@@ -225,10 +241,11 @@ class TransformerBlock(nn.Module):
         route = build_route(self, xn if self.router_input == "normed" else x, start_pos) or NO_ROUTE
         h = x + self.attention(xn, start_pos, cos, sin, mask, route, use_cache)
         hn = self.ffn_norm(h)
-        out = h + (self.feed_forward(hn, token_mask) if self.is_moe else self.feed_forward(hn, route))
-        if self.p_adapter is not None:
-            out = _add(out, route.apply("p_adapter", self.p_adapter, hn))
-        return out
+        f = self.feed_forward(hn, token_mask) if self.is_moe else self.feed_forward(hn, route)
+        if self.p_adapter is None:
+            return h + f
+        fused = parallel_adapter_add(h, f, self.p_adapter, hn, route)   # decoding: one kernel call
+        return fused if fused is not None else _add(h + f, route.apply("p_adapter", self.p_adapter, hn))
 
 
 class Transformer(nn.Module):

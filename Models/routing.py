@@ -1,7 +1,10 @@
 """Routing of MoA (SPEC §2.6, §3.1–3.4, D1, D2): type routers, the trainable threshold Γ, and the per-forward
 `route` objects that weight each adapter's output (dense, sparse gather→adapter→scatter, instance, UniPEFT gates).
 """
+from Models.adapter_kernels import type_weights
 from Models.adapters import linear
+from Models.kernel_config import enabled, note_used
+from Models.kernels import FEW_ROWS_MAX
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -76,9 +79,16 @@ class TypeRoute:
     def scale(self, name, delta):
         return _scale_like(delta, _column(self.weights, self.columns[name]))
 
+    def weight_of(self, name):
+        """(weights [B, T|1, n], column of `name`): for kernels that weight an adapter's output themselves."""
+        return self.weights, self.columns[name]
+
 
 class SparseTypeRoute(TypeRoute):
-    """Sparse MoA: each adapter runs only on the tokens whose masked weight is non-zero (gather → scatter)."""
+    """Sparse MoA: each adapter runs only on the tokens whose masked weight is non-zero (gather → scatter). When
+    decoding (no gradient, ≤ FEW_ROWS_MAX tokens, MOA_FUSED_ADAPTERS on) it runs on every token instead and is
+    multiplied by the masked weight, exactly 0 where it is off: the same numbers without `jt.nonzero`'s host sync.
+    `weight_of` gives the masked weights, so the decode kernels (Models/adapter_kernels.py) do the same."""
 
     def __init__(self, weights, columns, mask):
         super().__init__(weights, columns)
@@ -88,6 +98,9 @@ class SparseTypeRoute(TypeRoute):
         i = self.columns[name]
         w = _column(self.weights, i)                              # [B, T, 1] masked weights
         B, T, D = x.shape
+        if jt.flags.no_grad and B * T <= FEW_ROWS_MAX and enabled("fused_adapters"):
+            note_used("fused_adapters")
+            return adapter(x) * w.cast(x.dtype)
         sel = self.mask[..., i].reshape(-1)                       # [B·T] bool
         rows = jt.nonzero(sel)                                    # [m, 1] (dynamic shape: a sync point)
         m = rows.shape[0]
@@ -117,6 +130,9 @@ class GateRoute:
 
     def scale(self, name, delta):
         return _scale_like(delta, self._gate(name))
+
+    def weight_of(self, name):
+        return self._gate(name), 0                                # [B, 1, 1]
 
 
 def masked_weights(w, gamma, threshold_grad):
@@ -154,11 +170,16 @@ def build_route(block, x, start_pos):
         w = block._instance_cache.cast(x.dtype)                   # [B, 1, n] shared by all tokens
         block._remember_route(w, None, None)
         return TypeRoute(w, block.type_columns)
-    w = jt.sigmoid(block.adapter_type_router(x.float32())).cast(x.dtype)   # [B, T, n]
+    fused = type_weights(block, x)    # decoding: router, sigmoid (and Γ, mask) in one call; None otherwise
     if kind == "soft_moa":
-        block._remember_route(w, None, None)
+        w = fused[0] if fused is not None else jt.sigmoid(block.adapter_type_router(x.float32())).cast(x.dtype)
+        block._remember_route(w, None, None)                          # [B, T, n]
         return TypeRoute(w, block.type_columns)
-    gamma = block.adapter_threshold_fn(x).cast(x.dtype)              # [B, T, 1]
-    wm, mask = masked_weights(w, gamma, block.threshold_grad)
+    if fused is not None:
+        wm, gamma, mask = fused[0], fused[1], fused[2] > 0.5          # masked weights, Γ, the mask as 0/1
+    else:
+        w = jt.sigmoid(block.adapter_type_router(x.float32())).cast(x.dtype)
+        gamma = block.adapter_threshold_fn(x).cast(x.dtype)          # [B, T, 1]
+        wm, mask = masked_weights(w, gamma, block.threshold_grad)
     block._remember_route(wm, gamma, mask)
     return SparseTypeRoute(wm, block.type_columns, mask)

@@ -99,7 +99,8 @@ def test_causal_softmax_matches_numpy(jt, N, rep, T, start):
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-6)
 
 
-KERNEL_SWITCHES = ["fused_softmax", "fused_swiglu", "fused_norm", "fused_rope", "fused_head", "dnnl_bmm", "few_rows"]
+KERNEL_SWITCHES = ["fused_softmax", "fused_swiglu", "fused_norm", "fused_rope", "fused_head", "dnnl_bmm", "few_rows",
+                   "fused_adapters"]
 
 
 def _model_outputs(jt, model, tokens, params):
