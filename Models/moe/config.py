@@ -10,7 +10,7 @@ configuration away:
 * ModuleFormer / ActiveMoE upcycling: router "linear" | "mlp" (router_act "gelu", router_bias True) | "gmm",
   norm_topk_prob False, sample_topk, aux_mi or aux_switch (form "normalized") + aux_z.
 * llama-moe MoEfication: expert_sizes, router "mlp" (router_act "tanh", router_hidden = E), scoring
-  "topk_softmax", noisy_gating, aux_cv2, score_scale E/k.
+  "topk_softmax", noisy_gating, aux_cv2, score_scale E/k; thunlp's masked-FFN form: scoring "topk_unweighted".
 * HF SwitchTransformers: top_k 1, gated False, hidden_act "relu", capacity, jitter, aux_switch (form
   "switch_t5") + aux_z.
 """
@@ -23,7 +23,9 @@ from Utils.errors import UserError
 
 ROUTERS = ("linear", "mlp", "gmm")
 ROUTER_ACTS = ("tanh", "gelu")
-SCORINGS = ("softmax_topk", "topk_softmax")
+# "topk_unweighted": the k chosen experts are summed with weight 1 (× score_scale): MoEfication's sliced experts then
+# add up to the dense FFN with the other neurons masked, exactly (thunlp's ground-truth evaluation).
+SCORINGS = ("softmax_topk", "topk_softmax", "topk_unweighted")
 # Expert activations; "gelu" is the exact erf form, "gelu_tanh" the tanh approximation (HF "gelu_new").
 EXPERT_ACTS = ("silu", "relu", "gelu", "gelu_tanh")
 SWITCH_FORMS = ("mixtral", "switch_t5", "normalized")

@@ -5,6 +5,8 @@
 * scoring "softmax_topk": p = softmax(z), keep the top-k of p, optionally renormalised to sum 1 (HF Mixtral,
   Qwen2-MoE with norm_topk_prob False, Switch with k = 1, ModuleFormer without renormalisation);
 * scoring "topk_softmax": keep the top-k logits, softmax over the kept ones (wyf3 / llama-moe noisy gate);
+* scoring "topk_unweighted": keep the top-k logits, each with weight 1 (MoEfication's masked dense FFN; the
+  router then gets no gradient through the weights);
 * noisy gating (Shazeer, training only): z + ε·(softplus(W_n x) + noise_eps), ε ~ N(0, 1);
 * sample_topk s (ModuleFormer, training only): the top k−s by probability, then s more sampled without
   replacement from p over the rest (Gumbel top-s, which is the same distribution as sequential sampling);
@@ -186,8 +188,10 @@ def select(logits, cfg, training, token_mask=None, group_size=None, noise_logits
         weight = gather_cols(probs, index)                                          # [N, k]
         if cfg.norm_topk_prob:
             weight = weight / jt.maximum(weight.sum(1, keepdims=True), _LOG_FLOOR)
-    else:
+    elif cfg.scoring == "topk_softmax":
         weight = softmax32(gather_cols(logits, index))
+    else:
+        weight = jt.ones((N, k), "float32")
 
     capacity = cfg.capacity(S, E)
     if capacity > 0:
