@@ -4,8 +4,8 @@ The interface every tokenizer of the project offers (the LLaMA-3 tiktoken `Model
 
     encode(text, bos, eos) -> list[int]      decode(ids) -> str      decode_token(i) -> str
     bos_id, eos_id, pad_id (-1 when the tokenizer has none), stop_tokens (set of ids), n_words
-    apply_chat_template(messages, add_generation_prompt=False) -> str
-    encode_chat(messages, add_generation_prompt=False) -> (ids, assistant_mask)
+    apply_chat_template(messages, add_generation_prompt=False, **template_kwargs) -> str
+    encode_chat(messages, add_generation_prompt=False, **template_kwargs) -> (ids, assistant_mask)
 
 `HFTokenizer(path)` reads `tokenizer.json` (the `tokenizers` library does the tokenisation) and, beside it,
 `tokenizer_config.json` (bos/eos/pad/unk and the other named special tokens, `chat_template`, `model_max_length`,
@@ -175,11 +175,12 @@ class HFTokenizer:
                             "and no chat_template.jinja)" % self.path)
         return self.chat_template
 
-    def apply_chat_template(self, messages, add_generation_prompt=False):
-        """The chat as one string, as transformers' `apply_chat_template(messages, tokenize=False)` renders it."""
-        return self._template().render(messages, add_generation_prompt)
+    def apply_chat_template(self, messages, add_generation_prompt=False, **template_kwargs):
+        """The chat as one string, as transformers' `apply_chat_template(messages, tokenize=False, **kwargs)` renders
+        it: extra keyword arguments are template variables (`enable_thinking=False` for Qwen3's template)."""
+        return self._template().render(messages, add_generation_prompt, **template_kwargs)
 
-    def encode_chat(self, messages, add_generation_prompt=False):
+    def encode_chat(self, messages, add_generation_prompt=False, **template_kwargs):
         """(ids, assistant_mask): ids == encode(apply_chat_template(...), False, False); mask 1 on assistant tokens.
 
         The mask covers each assistant turn's text and its end-of-turn token. With `{% generation %}` blocks in the
@@ -188,7 +189,7 @@ class HFTokenizer:
         A token that straddles a span boundary counts as inside.
         """
         template = self._template()
-        text, spans = template.render_with_assistant_spans(messages, add_generation_prompt)
+        text, spans = template.render_with_assistant_spans(messages, add_generation_prompt, **template_kwargs)
         enc = self.backend.encode(text, add_special_tokens=False)
         ids, offsets = list(enc.ids), enc.offsets
         mask = [0] * len(ids)

@@ -104,9 +104,16 @@ class Tokenizer:
         return ([self.special_tokens["<|start_header_id|>"]] + self.encode(role, bos=False, eos=False)
                 + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n", bos=False, eos=False))
 
-    def apply_chat_template(self, messages, add_generation_prompt=False):
+    def _no_template_variables(self, template_kwargs):
+        # Meta's chat format is fixed: a variable meant for a Jinja template (enable_thinking, ...) would be lost.
+        if template_kwargs:
+            raise UserError("the LLaMA-3 chat format takes no template variables (got %s)"
+                            % ", ".join(sorted(template_kwargs)))
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, **template_kwargs):
         """The LLaMA-3 chat as text (special tokens written out); tokenize it with `encode_chat`, not `encode`."""
         check_messages(messages)
+        self._no_template_variables(template_kwargs)
         parts = ["<|begin_of_text|>"]
         for m in messages:
             parts.append("<|start_header_id|>%s<|end_header_id|>\n\n%s<|eot_id|>" % (m["role"], m["content"].strip()))
@@ -114,9 +121,10 @@ class Tokenizer:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(parts)
 
-    def encode_chat(self, messages, add_generation_prompt=False):
+    def encode_chat(self, messages, add_generation_prompt=False, **template_kwargs):
         """(ids, assistant_mask) in Meta's ChatFormat; the mask is 1 on assistant contents and their <|eot_id|>."""
         check_messages(messages)
+        self._no_template_variables(template_kwargs)
         ids, mask = [self.bos_id], [0]
         for m in messages:
             head = self._header(m["role"])

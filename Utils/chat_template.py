@@ -4,7 +4,8 @@
 Jinja environment with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a `{% generation %}` block
 tag, a `tojson` filter that does not HTML-escape, and the globals `raise_exception`, `strftime_now`, `dict` and
 `namespace`. The template sees `messages`, `tools`, `documents`, `add_generation_prompt` and the tokenizer's named
-special tokens (`bos_token`, `eos_token`, ...). Messages are copied first: keys whose value is None are dropped and a
+special tokens (`bos_token`, `eos_token`, ...), and any extra keyword argument of `apply_chat_template` as a variable
+of its own (Qwen3's `enable_thinking`; these win over the special tokens, as there). Messages are copied first: keys whose value is None are dropped and a
 reasoning text given as `thinking` / `reasoning` / `reasoning_content` is visible under `thinking` and
 `reasoning_content`. This module reproduces that environment with its own code, so a tokenizer.json tokenizer
 renders the same string without importing transformers.
@@ -158,15 +159,18 @@ class ChatTemplate:
             raise UserError("%s: chat template does not compile: %s (template line %s)" % (where, e.message, e.lineno))
         self.has_generation_blocks = GENERATION_TAG.search(source) is not None
 
-    def _context(self, messages, add_generation_prompt):
+    def _context(self, messages, add_generation_prompt, template_kwargs):
+        # As transformers: extra keyword arguments (Qwen3's `enable_thinking`, `tools`, ...) are template variables
+        # and win over the named special tokens.
         ctx = dict(self.special_tokens)
-        ctx.update(messages=_prepare_messages(messages), tools=None, documents=None,
-                   add_generation_prompt=bool(add_generation_prompt))
+        ctx.update(tools=None, documents=None)
+        ctx.update((k, _plain(v)) for k, v in template_kwargs.items())
+        ctx.update(messages=_prepare_messages(messages), add_generation_prompt=bool(add_generation_prompt))
         return ctx
 
-    def _run(self, messages, add_generation_prompt, track):
+    def _run(self, messages, add_generation_prompt, track, template_kwargs=None):
         import jinja2
-        ctx = self._context(messages, add_generation_prompt)
+        ctx = self._context(messages, add_generation_prompt, template_kwargs or {})
         try:
             if not track:
                 return self._template.render(**ctx), None
@@ -182,30 +186,32 @@ class ChatTemplate:
             raise UserError("%s: the chat template rejected the conversation: %s"
                             % (self.where, str(e).splitlines()[0] if str(e) else type(e).__name__))
 
-    def render(self, messages, add_generation_prompt=False):
-        """The chat as one string, exactly as transformers' `apply_chat_template(..., tokenize=False)` gives it."""
+    def render(self, messages, add_generation_prompt=False, **template_kwargs):
+        """The chat as one string, exactly as transformers' `apply_chat_template(..., tokenize=False, **kwargs)` gives
+        it; `template_kwargs` are extra template variables (e.g. `enable_thinking=False` for Qwen3-style templates)."""
         check_messages(messages)
-        return self._run(messages, add_generation_prompt, track=False)[0]
+        return self._run(messages, add_generation_prompt, False, template_kwargs)[0]
 
-    def render_with_assistant_spans(self, messages, add_generation_prompt=False):
+    def render_with_assistant_spans(self, messages, add_generation_prompt=False, **template_kwargs):
         """(text, [(start, end), ...]): the rendered chat and the character ranges of the assistant turns."""
         check_messages(messages)
+        kw = template_kwargs
         if self.has_generation_blocks:
-            return self._run(messages, add_generation_prompt, track=True)
-        full = self._run(messages, add_generation_prompt, track=False)[0]
+            return self._run(messages, add_generation_prompt, True, kw)
+        full = self._run(messages, add_generation_prompt, False, kw)[0]
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            upto = self._run(messages[:i + 1], False, track=False)[0]
+            upto = self._run(messages[:i + 1], False, False, kw)[0]
             if i == 0:
                 try:
-                    head = self._run([], True, track=False)[0]
+                    head = self._run([], True, False, kw)[0]
                 except UserError:
                     raise UserError("%s: the conversation starts with an assistant message, which this chat "
                                     "template cannot render without a user turn" % self.where)
             else:
-                head = self._run(messages[:i], True, track=False)[0]
+                head = self._run(messages[:i], True, False, kw)[0]
             if not full.startswith(upto):
                 raise UserError("%s: rendering the first %d messages is not a prefix of the whole chat, so the "
                                 "assistant turns cannot be located; mark them with {%% generation %%} in the template"

@@ -1,7 +1,7 @@
 """Oracle: what `transformers.AutoTokenizer` gives for a tokenizer directory (run in its own process).
 
-stdin: {"dir": ..., "texts": [str], "ids": [[int]], "chats": [{"messages": [...], "add_generation_prompt": bool}],
-        "assistant_masks": bool}
+stdin: {"dir": ..., "texts": [str], "ids": [[int]], "chats": [{"messages": [...], "add_generation_prompt": bool,
+        "kwargs": {template variables, optional}}], "assistant_masks": bool}
 stdout: {"encode": [[int]], "decode": [str], "chat_text": [str], "chat_ids": [[int]], "chat_masks": [[int]]}
 """
 import json
@@ -17,10 +17,11 @@ def main():
            "decode": [tok.decode(ids) for ids in req.get("ids", [])],
            "chat_text": [], "chat_ids": [], "chat_masks": []}
     for chat in req.get("chats", []):
-        gen = chat["add_generation_prompt"]
-        out["chat_text"].append(tok.apply_chat_template(chat["messages"], tokenize=False, add_generation_prompt=gen))
+        gen, kw = chat["add_generation_prompt"], chat.get("kwargs", {})
+        out["chat_text"].append(tok.apply_chat_template(chat["messages"], tokenize=False, add_generation_prompt=gen,
+                                                        **kw))
         enc = tok.apply_chat_template(chat["messages"], add_generation_prompt=gen, return_dict=True,
-                                      return_assistant_tokens_mask=req.get("assistant_masks", False))
+                                      return_assistant_tokens_mask=req.get("assistant_masks", False), **kw)
         out["chat_ids"].append(list(enc["input_ids"]))
         if req.get("assistant_masks"):
             out["chat_masks"].append(list(enc["assistant_masks"]))
