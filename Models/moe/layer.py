@@ -10,9 +10,11 @@ through an in-place multiply, also feed the jittered states to the experts. Eval
 
 The forward's Selection is kept in `_selection` for the model to collect with `pop_selection()` (never a public
 jt.Var attribute: it would become a parameter, JITTOR_NOTES A1). Under jt.no_grad nothing is kept unless
-`record` is True, so generation does not hold graphs alive.
+`record` is True, so generation does not hold graphs alive. In that case a few rows (decoding) take the one-call
+path of decode.py.
 """
 from Models.moe.config import MoEConfig
+from Models.moe.decode import few_rows_moe, few_rows_moe_applies
 from Models.moe.dispatch import combine
 from Models.moe.experts import Experts, SharedExperts
 from Models.moe.routers import build_router
@@ -65,6 +67,9 @@ class MoEFeedForward(nn.Module):
     def execute(self, x, token_mask=None):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)                                                # [N, d], N = B·T
+        if few_rows_moe_applies(self, flat):   # decoding: selection + selected experts in one call (decode.py)
+            y = few_rows_moe(flat, self.router(flat.float32()), self.experts, self.cfg)
+            return (y if self.shared is None else y + self.shared(flat)).reshape(B, T, d)
         mask = None if token_mask is None else _flat_mask(token_mask, B * T)
         sel = self.route(flat, mask, group_size=T)
         y = combine(flat, sel, self.experts, self.n_experts)                      # [N, d]
