@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from Dataset.prompts import PROMPT_TEMPLATES, parse_template_kwargs
 from engine.flags import ADAPTER_FLAGS, add_adapter_flags, add_training_flags, check_training_flags
 from Utils.cli import Parser, add_bool
 from Utils.errors import UserError, cli_main
@@ -19,7 +20,8 @@ from Utils.errors import UserError, cli_main
 MODEL_FLAGS = ADAPTER_FLAGS + ("max_seq_len", "max_batch_size")
 # Changing these between a checkpoint and its resumption would break "continues exactly".
 RESUME_MUST_MATCH = ("batch_size", "accum_iter", "world_size", "data_seed", "seed", "max_seq_len", "data_path",
-                     "val_data_path", "val_split", "epochs", "warmup_epochs", "lr", "min_lr", "weight_decay")
+                     "val_data_path", "val_split", "epochs", "warmup_epochs", "lr", "min_lr", "weight_decay",
+                     "prompt_template", "chat_template_kwargs")
 
 
 def build_parser():
@@ -29,6 +31,11 @@ def build_parser():
     a("--data_path", default="", help="training records (JSON array or JSONL)")
     a("--val_data_path", default="", help="validation records; if empty, --val_split of the training file")
     a("--val_split", type=float, default=0.0, help="fraction of the training records held out for validation")
+    a("--prompt_template", default="alpaca", choices=PROMPT_TEMPLATES,
+      help="alpaca: the reference's prompt; chat: the tokenizer's chat template, instruction (+ input) as the user "
+           "turn, the output as the supervised assistant turn (give inference.py the same flags)")
+    a("--chat_template_kwargs", default="", help="JSON object of chat template variables, e.g. "
+                                                  "'{\"enable_thinking\": false}' for Qwen3 (with --prompt_template chat)")
     add_training_flags(p, batch_size=64, epochs=400, weight_decay=0.05, save_interval=100)
     a("--warmup_epochs", type=float, default=None, help="default 1 (40 for topk_moe, adamole, instance, unipeft)")
     a("--blr", type=float, default=1e-3, help="base lr: lr = blr * eff_batch / 256 unless --lr is given")
@@ -44,6 +51,9 @@ def parse_args(argv=None):
     check_training_flags(args)
     if not 0.0 <= args.val_split < 1.0:
         raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
+    args.chat_template_kwargs = parse_template_kwargs(args.chat_template_kwargs)
+    if args.chat_template_kwargs and args.prompt_template != "chat":
+        raise UserError("--chat_template_kwargs needs --prompt_template chat")
     if args.warmup_epochs is None:  # the reference scripts' default: 1, or 40 for sparse_moe, instance, UniPEFT
         from Models.variants import variant
         args.warmup_epochs = variant(args.routing).warmup_epochs
@@ -129,6 +139,7 @@ def run(args):
 def train(args, margs, resume_path):
     from Dataset import load_records
     from Dataset.finetune_dataset import EvalData, FinetuneData, split_records
+    from Dataset.prompts import ChatPrompt
     from engine.frontend import train_config
     from engine.schedule import EpochSchedule
     from engine.trainer import Trainer
@@ -153,11 +164,12 @@ def train(args, margs, resume_path):
         raise UserError("the adapter flags select no trainable parameters (check --lora_layers, --prompt_layers, "
                         "--p_adapter_layers)")
     dist.broadcast_params([p for _, p in named])
+    chat = ChatPrompt(args.chat_template_kwargs) if args.prompt_template == "chat" else None
     train_data = FinetuneData.from_records(records, model.tokenizer, margs.max_seq_len, args.batch_size,
-                                           args.data_seed, rank, world)
+                                           args.data_seed, rank, world, chat=chat)
     val_data = None
     if val_records:
-        val_examples = FinetuneData.from_records(val_records, model.tokenizer, margs.max_seq_len, 1)
+        val_examples = FinetuneData.from_records(val_records, model.tokenizer, margs.max_seq_len, 1, chat=chat)
         val_data = EvalData(val_examples.examples, args.batch_size, rank, world, val_examples.n_truncated)
     steps_per_epoch = len(train_data) // args.accum_iter
     if steps_per_epoch == 0:

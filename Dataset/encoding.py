@@ -1,4 +1,5 @@
-"""Training examples as token ids plus aligned labels (SPEC §6.3 with decisions D4, D5, D6 of §13)."""
+"""Training examples as token ids plus aligned labels (SPEC §6.3 with decisions D4, D5, D6 of §13), framed by the
+Alpaca prompt or, with a `Dataset.prompts.ChatPrompt`, by the tokenizer's chat template."""
 from collections import namedtuple
 
 import numpy as np
@@ -42,8 +43,19 @@ def _encode_with_input(record, tokenizer, max_seq_len):
     return prompt_ids + out_ids, len(prompt_ids), n_cut_input
 
 
-def encode_example_info(record, tokenizer, max_seq_len):
-    """Encode one record and report what truncation did (see `Encoded`).
+def _encode_chat(record, tokenizer, chat, max_seq_len):
+    # The chat template decides the framing; supervised = what the tokenizer marks as the assistant's.
+    ids, mask = chat.example_ids(record, tokenizer)
+    n_dropped = max(0, len(ids) - max_seq_len)
+    ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    n_prompt = next((i for i, m in enumerate(mask) if m), len(ids))
+    return Encoded(ids, labels, n_prompt, n_dropped)
+
+
+def encode_example_info(record, tokenizer, max_seq_len, chat=None):
+    """Encode one record and report what truncation did (see `Encoded`); `chat` (a Dataset.prompts.ChatPrompt)
+    uses the tokenizer's chat template instead of the Alpaca prompt.
 
     D5: an over-long example loses tokens from the END (the answer tail, then its EOS), so the label mask
     stays aligned with the tokens kept and BOS survives. If even the prompt does not fit, its end is cut
@@ -51,6 +63,8 @@ def encode_example_info(record, tokenizer, max_seq_len):
     """
     if max_seq_len < 1:
         raise ValueError("max_seq_len must be >= 1, got %r" % (max_seq_len,))
+    if chat is not None:
+        return _encode_chat(record, tokenizer, chat, max_seq_len)
     n_cut_input = 0
     if has_input(record):
         ids, n_prompt, n_cut_input = _encode_with_input(record, tokenizer, max_seq_len)
@@ -69,11 +83,11 @@ def encode_example(record, tokenizer, max_seq_len):
     return enc.input_ids, enc.labels
 
 
-def encode_dataset(records, tokenizer, max_seq_len):
+def encode_dataset(records, tokenizer, max_seq_len, chat=None):
     """Encode every record; returns ([(input_ids, labels), ...], number of truncated examples) for the log."""
     examples, n_truncated = [], 0
     for record in records:
-        enc = encode_example_info(record, tokenizer, max_seq_len)
+        enc = encode_example_info(record, tokenizer, max_seq_len, chat)
         examples.append((enc.input_ids, enc.labels))
         n_truncated += enc.n_dropped > 0
     return examples, n_truncated

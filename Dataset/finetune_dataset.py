@@ -28,8 +28,8 @@ class FinetuneData:
         self.n_truncated = n_truncated
 
     @classmethod
-    def from_records(cls, records, tokenizer, max_seq_len, batch_size, data_seed=0, rank=0, world_size=1):
-        examples, n_truncated = encode_dataset(records, tokenizer, max_seq_len)
+    def from_records(cls, records, tokenizer, max_seq_len, batch_size, data_seed=0, rank=0, world_size=1, chat=None):
+        examples, n_truncated = encode_dataset(records, tokenizer, max_seq_len, chat)
         return cls(examples, batch_size, data_seed, rank, world_size, n_truncated)
 
     def __len__(self):
