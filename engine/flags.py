@@ -6,8 +6,8 @@ from Utils.errors import UserError
 # ModelArgs fields set from the adapter flags (the reference's main_finetune.py names).
 ADAPTER_FLAGS = ("routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lora_alpha", "expert_num",
                  "hydra_moe", "prompt_layers", "prompt_len", "p_adapter_layers", "p_adapter_size", "p_adapter_hydra",
-                 "swi_x", "max_threshold", "const_threshold", "threshold_grad", "top_k", "lb_loss_coeff",
-                 "noisy_router")
+                 "swi_x", "max_threshold", "const_threshold", "threshold_grad", "router_input", "top_k",
+                 "lb_loss_coeff", "noisy_router")
 
 
 def add_adapter_flags(p):
@@ -31,6 +31,9 @@ def add_adapter_flags(p):
     a("--max_threshold", type=float, default=0.5)
     add_bool(p, "const_threshold", False)
     a("--threshold_grad", default="none", help="sparse_moa threshold gradient: none | ste | shifted")
+    a("--router_input", default="residual", choices=("residual", "normed"),
+      help="what the type router and threshold read: the block input (residual: the reference LLaMA3_* code) or "
+           "its attention_norm output (normed: MoA_Transformers' Qwen3/LLaMA files); kept in adapter_params.json")
     a("--top_k", type=int, default=1)
     a("--lb_loss_coeff", type=float, default=0.001)
     add_bool(p, "noisy_router", False)
