@@ -258,6 +258,22 @@ def load_corpus(path, tokenizer, cache=True, cache_dir=None, writer=True, wait_t
     return Corpus(tokens, offsets, path, False)
 
 
+def split_corpus(corpus, val_fraction):
+    """(training Corpus, validation Corpus): the last ceil(val_fraction · D) documents in file order are held out,
+    whole (no document is cut between the two), at least one on each side. Both are views of the stream (no copy),
+    so the split is the same on every rank and for every mode / max_seq_len."""
+    n_docs = len(corpus.offsets) - 1
+    n_val = int(np.ceil(val_fraction * n_docs))
+    if not 0.0 < val_fraction < 1.0 or n_val >= n_docs:
+        raise UserError("%s: --val_split %g of %d documents leaves no training document"
+                        % (corpus.source, val_fraction, n_docs))
+    k = n_docs - n_val
+    cut = int(corpus.offsets[k])
+    train = Corpus(corpus.tokens[:cut], corpus.offsets[:k + 1], corpus.source, corpus.from_cache)
+    val = Corpus(corpus.tokens[cut:], corpus.offsets[k:] - cut, corpus.source, corpus.from_cache)
+    return train, val
+
+
 # ----------------------------------------------------------------------------------------------------- rows
 
 class StreamRows:
