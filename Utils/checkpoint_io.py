@@ -42,12 +42,20 @@ def to_bf16_bits(x):
     """float32 → bfloat16 bit patterns (uint16), round-to-nearest-even like torch's `.bfloat16()`; NaN stays NaN."""
     x = _contiguous(np.asarray(x, dtype=np.float32))
     u = x.view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+    r = (u >> 16) & 1            # in place from here on: one uint32 temporary, not five (converters stream GBs)
+    r += 0x7FFF
+    r += u
+    r >>= 16
+    out = r.astype(np.uint16)
+    del r
+    out[np.isnan(x)] = 0x7FC0
+    return out
 
 
 def bf16_bits_to_float32(bits):
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    out = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
 
 
 def _encode(value, dtype):
@@ -334,18 +342,30 @@ def write_safetensors(path, state, dtype="float32", progress=None):
                 continue
             written = 0
             for block in arr.iter_chunks():
-                got, data = _encode(block, dtype or "float32")
-                if got != kind:
-                    raise ValueError("tensor %r: a block of dtype %s, expected %s" % (name, got, kind))
-                f.write(memoryview(data.reshape(-1)).cast("B"))
-                written += data.nbytes
-                if progress is not None:
-                    progress(data.nbytes)
-                del block, data   # one block at a time
+                for part in _row_parts(np.asarray(block)):   # encode in small parts: few MB of temporaries
+                    got, data = _encode(part, dtype or "float32")
+                    if got != kind:
+                        raise ValueError("tensor %r: a block of dtype %s, expected %s" % (name, got, kind))
+                    f.write(memoryview(data.reshape(-1)).cast("B"))
+                    written += data.nbytes
+                    if progress is not None:
+                        progress(data.nbytes)
+                    del part, data
+                del block   # one block at a time
             if written != nbytes:   # a short or long tensor would shift every later tensor: refuse the file
                 raise ValueError("tensor %r: its blocks hold %d bytes, its shape %s needs %d"
                                  % (name, written, list(arr.shape), nbytes))
     _atomic_write(path, write)
+
+
+def _row_parts(a, max_elems=1 << 22):
+    """Consecutive row ranges of `a` (views) of at most ~max_elems elements each (the whole array if smaller)."""
+    if a.ndim < 2 or a.size <= max_elems:
+        yield a
+        return
+    step = max(1, max_elems // max(1, a.size // a.shape[0]))
+    for i in range(0, a.shape[0], step):
+        yield a[i:i + step]
 
 
 def _is_float_name(name):
