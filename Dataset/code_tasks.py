@@ -81,7 +81,7 @@ def load_humaneval(path):
     """HumanEval tasks (HumanEval.jsonl or .jsonl.gz): task_id, prompt, canonical_solution, test, entry_point."""
     recs = _load_jsonl(path, HUMANEVAL_FIELDS, "HumanEval")
     for rec in recs:
-        if not _def_line(rec["prompt"], rec["entry_point"]) and rec["prompt"].strip():
+        if _def_line(rec["prompt"], rec["entry_point"]) is None and rec["prompt"].strip():
             raise UserError("%s: task %s: prompt does not define entry_point %r" % (path, rec["task_id"],
                                                                                    rec["entry_point"]))
     return recs

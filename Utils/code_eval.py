@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,16 @@ def _parse_status(raw):
     return records
 
 
+def default_sigchld():
+    """Put back the default SIGCHLD disposition (from the main thread; elsewhere Python cannot, and this does nothing).
+
+    Jittor, once imported, installs a C-level SIGCHLD handler meant for its data-loader workers that ends the whole
+    process when any child dies of a signal — and a program killed on timeout is such a child. The evaluating process
+    (inference.py) has no such workers, so the default is right for it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def run_program(source, timeout_s=10.0, memory_mb=512, *, namespaces=True, seccomp=True, nproc=32,
                 fsize_mb=16, max_output=65536, stderr_tail=4000, python=None):
     """Run `source` (Python text) in the sandbox and say how it ended. Never runs it in this process.
@@ -170,6 +181,7 @@ def run_program(source, timeout_s=10.0, memory_mb=512, *, namespaces=True, secco
         raise UserError("run_program: source must be a string of Python code, not %s" % type(source).__name__)
     if not (timeout_s > 0 and memory_mb >= 32):
         raise UserError("run_program: timeout_s must be > 0 and memory_mb >= 32 (got %r, %r)" % (timeout_s, memory_mb))
+    default_sigchld()
     workdir = tempfile.mkdtemp(prefix="moa-code-")
     try:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
@@ -306,6 +318,7 @@ def _score(records, solutions, build, ks, workers, **run_kw):
     samples = [[s] if isinstance(s, str) else list(s) for s in solutions]
     tasks = [TaskScore(str(r.get("task_id", i)), []) for i, r in enumerate(records)]
     jobs = [(i, build(rec, sol)) for i, (rec, sols) in enumerate(zip(records, samples)) for sol in sols]
+    default_sigchld()  # the pool's threads cannot
     # Threads only wait on subprocesses here; every program runs in its own sandboxed process.
     with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
         results = list(pool.map(lambda job: run_program(job[1], **run_kw), jobs))
