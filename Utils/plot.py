@@ -5,6 +5,9 @@
     python -m Utils.plot curves --logdir output_dir --out loss.png
     python -m Utils.plot std --pkl out/AddSub_token_weight.pkl
 
+`plot_runs` (several runs' curves in one picture) and `plot_expert_load` (layers × experts share of routed tokens)
+draw the MoE-LLM demo's pictures (demo_moe.py).
+
 Each plotting function returns `(figure, axes, matrix)` where `matrix` is exactly the array drawn, so tests can
 check the rows/columns. The .pkl schemas are documented in Utils/routing_dump.py.
 """
@@ -258,6 +261,55 @@ def plot_curves(logdir, out, tags=None):
     fig.tight_layout()
     _save(fig, out)
     return fig, ax, {t: scalars[t] for t in chosen}
+
+
+def plot_runs(runs, out, title="validation loss", xlabel="optimizer step", ylabel="loss"):
+    """Several runs' curves in one picture (e.g. an MoE LM and its dense twin): runs = {label: (steps, values)}.
+    Returns (figure, axes, {label: (steps, values)}) — exactly what was drawn."""
+    if not runs or any(len(s) != len(v) or not len(s) for s, v in runs.values()):
+        raise UserError("plot_runs: every run needs as many steps as values, and at least one point")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (steps, vals) in runs.items():
+        ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out)
+    return fig, ax, {k: (list(s), list(v)) for k, (s, v) in runs.items()}
+
+
+def expert_load_matrix(load):
+    """{layer: assignments per expert [E]} (LLaMA_adapter.routing_load, summed over batches) → (matrix [layers, E]
+    of each layer's share per expert, row labels, column labels); a layer with fewer experts is NaN-padded."""
+    if not load:
+        raise UserError("expert load: no MoE layer recorded any assignment")
+    layers = sorted(load)
+    width = max(len(np.asarray(load[l]).reshape(-1)) for l in layers)
+    m = np.full((len(layers), width), np.nan)
+    for r, l in enumerate(layers):
+        counts = np.asarray(load[l], dtype=np.float64).reshape(-1)
+        if counts.sum() <= 0:
+            raise UserError("expert load: layer %s has no assignment" % l)
+        m[r, :len(counts)] = counts / counts.sum()
+    return m, ["layer %d" % l for l in layers], ["E%d" % e for e in range(width)]
+
+
+def plot_expert_load(load, out, title=None):
+    """Layers × experts heatmap of the share of routed assignments each expert received (1/E everywhere = perfect
+    balance). Returns (figure, axes, matrix)."""
+    m, rows, cols = expert_load_matrix(load)
+    title = title or "share of routed tokens per expert (balanced = 1/%d = %.3f)" % (len(cols), 1.0 / len(cols))
+    fig, ax = _heatmap(m, rows, cols, title, out, vmax=float(np.nanmax(m)))
+    for r in range(m.shape[0]):
+        for c in range(m.shape[1]):
+            if np.isfinite(m[r, c]):
+                ax.text(c, r, "%.2f" % m[r, c], ha="center", va="center", fontsize=7, color="white")
+    _save(fig, out)
+    return fig, ax, m
 
 
 # ---------------------------------------------------------------------------- command line

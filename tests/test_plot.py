@@ -157,3 +157,31 @@ def test_malformed_pkl_is_one_line_error(tmp_path, content):
         assert res.returncode == 2
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
         assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_expert_load_heatmap_rows_are_each_layers_shares(tmp_path):
+    from Utils import plot
+    from Utils.errors import UserError
+    load = {3: np.array([2.0, 6.0, 0.0, 2.0]), 1: np.array([5, 5, 5, 5])}
+    out = str(tmp_path / "load.png")
+    fig, ax, m = plot.plot_expert_load(load, out)
+    np.testing.assert_allclose(m, [[0.25, 0.25, 0.25, 0.25], [0.2, 0.6, 0.0, 0.2]])    # layers ascending
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["layer 1", "layer 3"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["E0", "E1", "E2", "E3"]
+    assert os.path.getsize(out) > 0
+    with pytest.raises(UserError):
+        plot.expert_load_matrix({0: np.zeros(4)})
+    plot._plt().close("all")
+
+
+def test_runs_share_one_picture(tmp_path):
+    from Utils import plot
+    from Utils.errors import UserError
+    runs = {"MoE": ([10, 20, 30], [5.0, 4.0, 3.5]), "dense": ([10, 20, 30], [5.1, 4.3, 3.9])}
+    fig, ax, drawn = plot.plot_runs(runs, str(tmp_path / "val.png"))
+    assert drawn == {k: (list(s), list(v)) for k, (s, v) in runs.items()}
+    assert [l.get_label() for l in ax.get_lines()] == ["MoE", "dense"]
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [5.1, 4.3, 3.9])
+    with pytest.raises(UserError):
+        plot.plot_runs({"x": ([1, 2], [1.0])}, str(tmp_path / "bad.png"))
+    plot._plt().close("all")
