@@ -255,7 +255,7 @@ def report(dense_args, args):
 
 def format_report(form, args, source):
     cfg = args.moe
-    b = lambda n: "%s (%.2f B)" % (format(n, ","), n / 1e9)
+    b = lambda n: "%s (%s)" % (format(n, ","), "%.2f B" % (n / 1e9) if n >= 1e9 else "%.2f M" % (n / 1e6))
     ids = form["layers"]
     same = len(set(form["experts"])) == 1
     lines = [
