@@ -2,6 +2,7 @@
 # moa-jittor: one script, two commands (both idempotent, nothing to do by hand):
 #   bash run.sh        set up, then run the main job (the embedded demo)
 #   bash run.sh test   set up, then run the test suite
+#   bash run.sh upcycle  set up, then the Dense2MoE demo (demo_upcycle.py: dense LLaMA -> upcycled MoE, trained on)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -39,5 +40,6 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 case "$MODE" in
   test) exec .venv/bin/python -m pytest -q tests "$@" ;;
   demo) exec .venv/bin/python demo.py "$@" ;;
-  *) echo "usage: bash run.sh [test] [args...]" >&2; exit 2 ;;
+  upcycle) exec .venv/bin/python demo_upcycle.py "$@" ;;
+  *) echo "usage: bash run.sh [test|upcycle] [args...]" >&2; exit 2 ;;
 esac
