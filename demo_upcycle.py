@@ -15,8 +15,8 @@ Stages (the corpus, tokenizer and dense base are cached in .cache/upcycle_demo/ 
 5. both models trained for the same steps on the same batches with the same schedule; validation every
    --val_interval steps; at each validation the mean pairwise distance between the copied experts of every MoE
    layer (Models.upcycling.expert_spread); the expert load of the logged steps.
-Writes to out_dir: summary.json, the runs' log.txt, and plots/{upcycle_val_loss,upcycle_expert_load,
-upcycle_expert_spread}.png (also copied to --img_dir when given).
+Writes to out_dir: summary.json, the runs' log.txt, and plots/{upcycle_val_loss,upcycle_expert_load_first,
+upcycle_expert_load,upcycle_expert_spread}.png (Utils.plot; also copied to --img_dir when given).
 """
 import json
 import math
@@ -161,68 +161,31 @@ def spread_probe(model):
 
 
 def loads_of(run, first, last):
-    """{layer: (load share in the first `first` logged steps, in the last `last`)} from the log's expert_load."""
-    recs = [r for r in read_log(run) if r["kind"] == "train" and "expert_load" in r]
+    """({layer: assignments per expert} summed over the first `first` logged steps, the same over the last `last`)
+    from the run log's expert_load records."""
     import numpy as np
-    out = {}
-    for layer in sorted(recs[0]["expert_load"], key=int):
-        rows = [np.asarray(r["expert_load"][layer], float) for r in recs]
-        share = lambda rs: (sum(rs) / max(sum(rs).sum(), 1)).tolist()
-        out[int(layer)] = (share(rows[:first]), share(rows[-last:]))
-    return out
+    recs = [r["expert_load"] for r in read_log(run) if r["kind"] == "train" and "expert_load" in r]
+    total = lambda rs: {int(k): sum(np.asarray(r[k], float) for r in rs) for k in rs[0]}
+    return total(recs[:first]), total(recs[-last:])
 
 
-def plots(out_dir, dense_curve, moe_curve, start_loss, spreads, loads, tokens_per_step, img_dir):
-    import numpy as np
-    from Utils.plot import _plt
-    plt = _plt()
+def plots(out_dir, runs, spreads, loads, tokens_per_step, img_dir):
+    from Utils.plot import _plt, plot_expert_load, plot_runs
     d = os.path.join(out_dir, "plots")
     os.makedirs(d, exist_ok=True)
-    made = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, curve in (("dense, trained further", dense_curve), ("upcycled MoE (8 experts, top-2)", moe_curve)):
-        steps, losses = zip(*curve)
-        ax.plot(np.array(steps) * tokens_per_step / 1e3, losses, marker="o", ms=3, label=name)
-    ax.axhline(start_loss, color="grey", lw=0.8, ls="--", label="both at upcycling (%.4f)" % start_loss)
-    ax.set_xlabel("extra training tokens (thousands)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("after upcycling: same tokens, same batches, same schedule", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    made.append(os.path.join(d, "upcycle_val_loss.png"))
-    fig.savefig(made[-1], dpi=120)
-
-    rows, m = [], []
-    for layer, (early, late) in sorted(loads.items()):
-        rows += ["layer %d, first steps" % layer, "layer %d, last steps" % layer]
-        m += [early, late]
-    m = np.array(m)
-    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.6))
-    img = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
-    ax.set_xticks(range(m.shape[1]))
-    ax.set_xticklabels(["expert %d" % e for e in range(m.shape[1])], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(rows, fontsize=8)
-    for (r, c), v in np.ndenumerate(m):
-        ax.text(c, r, "%.2f" % v, ha="center", va="center", fontsize=7, color="w" if v < m.max() * 0.6 else "k")
-    ax.set_title("share of top-2 assignments per expert (uniform = %.3f)" % (1.0 / m.shape[1]), fontsize=10)
-    fig.colorbar(img, ax=ax)
-    fig.tight_layout()
-    made.append(os.path.join(d, "upcycle_expert_load.png"))
-    fig.savefig(made[-1], dpi=120)
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for layer, curve in sorted(spreads.items()):
-        steps, values = zip(*curve)
-        ax.plot(steps, values, marker="o", ms=3, label="layer %d" % layer)
-    ax.set_xlabel("optimizer steps after upcycling")
-    ax.set_ylabel("mean pairwise ‖Δw‖ / ‖w‖")
-    ax.set_title("how far the 8 copies of each FFN have moved apart", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    made.append(os.path.join(d, "upcycle_expert_spread.png"))
-    fig.savefig(made[-1], dpi=120)
-    plt.close("all")
+    made = [os.path.join(d, n + ".png") for n in ("upcycle_val_loss", "upcycle_expert_load_first",
+                                                 "upcycle_expert_load", "upcycle_expert_spread")]
+    curves = {label: ([s * tokens_per_step / 1e3 for s, _ in runs[k]["curve"]], [v for _, v in runs[k]["curve"]])
+              for k, label in (("dense", "dense, trained further"), ("moe", "upcycled MoE (8 experts, top-2)"))}
+    plot_runs(curves, made[0], title="validation loss after upcycling (both %.4f at 0): same batches, same schedule"
+              % runs["moe"]["start"], xlabel="extra training tokens (thousands)", ylabel="loss (nats/token)")
+    for out, load, when in ((made[1], loads[0], "first"), (made[2], loads[1], "last")):
+        plot_expert_load(load, out, title="share of top-2 assignments per expert, %s 10%% of the steps "
+                                          "(balanced = 0.125)" % when)
+    plot_runs({"layer %d" % i: ([s for s, _ in c], [v for _, v in c]) for i, c in sorted(spreads.items())}, made[3],
+              title="how far the 8 copies of each FFN have moved apart", xlabel="optimizer steps after upcycling",
+              ylabel="mean pairwise |w_a - w_b| / |w|")
+    _plt().close("all")
     if img_dir:
         os.makedirs(img_dir, exist_ok=True)
         for f in made:
@@ -270,8 +233,7 @@ def main(argv=None):
     n_logged = len([r for r in read_log(runs["moe"]["run"]) if r["kind"] == "train"])
     loads = loads_of(runs["moe"]["run"], max(n_logged // 10, 1), max(n_logged // 10, 1))
     tps = opts.batch_size * opts.max_seq_len
-    made = plots(opts.out_dir, runs["dense"]["curve"], runs["moe"]["curve"], runs["dense"]["start"], spreads, loads,
-                 tps, opts.img_dir)
+    made = plots(opts.out_dir, runs, spreads, loads, tps, opts.img_dir)
     summary = {
         "loss_at_upcycling": {"dense": runs["dense"]["start"], "moe": runs["moe"]["start"],
                               "difference": abs(runs["dense"]["start"] - runs["moe"]["start"])},
@@ -282,7 +244,8 @@ def main(argv=None):
                     "moe_extra": round(runs["moe"]["seconds"], 1), "total": round(time.time() - t_start, 1)},
         "tokens_per_s": {k: round(opts.extra_steps * tps / runs[k]["seconds"], 1) for k in runs},
         "expert_spread_final": {i: spreads[i][-1][1] for i in layers},
-        "expert_load_last": {i: loads[i][1] for i in layers},
+        "expert_load_first": {i: (loads[0][i] / loads[0][i].sum()).round(4).tolist() for i in layers},
+        "expert_load_last": {i: (loads[1][i] / loads[1][i].sum()).round(4).tolist() for i in layers},
         "curves": {k: runs[k]["curve"] for k in runs}, "plots": made,
     }
     with open(os.path.join(opts.out_dir, "summary.json"), "w") as f:
