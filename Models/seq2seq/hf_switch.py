@@ -172,7 +172,13 @@ def hf_to_ours(tensors, cfg, source="checkpoint"):
                 tensors["shared.weight"] = tensors[alias]
                 break
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        tensors.pop(alias, None)
+        v = tensors.pop(alias, None)
+        # transformers 5 unties the stacks' embeddings from `shared` when tie_word_embeddings is false (4.x and
+        # the released checkpoints share one table): one table is all this model has
+        if v is not None and v is not tensors["shared.weight"] and not np.array_equal(_array(v),
+                                                                                      _array(tensors["shared.weight"])):
+            raise UserError("%s: %s differs from shared.weight (separate encoder/decoder embeddings are not "
+                            "supported)" % (source, alias))
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     F, experts = cfg.hidden_dim, {}

@@ -70,9 +70,33 @@ class Seq2SeqTransformer(nn.Module):
         self.encoder = Stack(cfg, is_decoder=False)
         self.decoder = Stack(cfg, is_decoder=True)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.style == "switch":
+            self._t5_init()
         self.label_smoothing = 0.0
         self._last_loads = []
         self._pe = np.zeros((0, d), np.float32)
+        # Jittor draws random inits lazily: materialise them now so the seed at construction fixes their values
+        jt.sync([p for _, p in self.named_parameters()])
+
+    def _t5_init(self):
+        # T5/Switch have no 1/√hd in attention: their init puts it in q (std (d·hd)^-1/2), as HF initialises
+        from Models.seq2seq.attention import Attention
+        cfg, gauss = self.cfg, lambda shape, std: jt.init.gauss(shape, "float32", 0.0, std)
+        d, hd, H = cfg.embed_size, cfg.head_dim, cfg.num_heads
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.q.weight = gauss(m.q.weight.shape, (d * hd) ** -0.5)
+                m.k.weight = gauss(m.k.weight.shape, d ** -0.5)
+                m.v.weight = gauss(m.v.weight.shape, d ** -0.5)
+                m.o.weight = gauss(m.o.weight.shape, (H * hd) ** -0.5)
+        for stack in (self.encoder, self.decoder):
+            for layer in stack.layers:
+                if not layer.is_moe:
+                    layer.ffn.w1.weight = gauss(layer.ffn.w1.weight.shape, d ** -0.5)
+                    layer.ffn.w2.weight = gauss(layer.ffn.w2.weight.shape, cfg.hidden_dim ** -0.5)
+            if stack.pos_bias is not None:
+                w = stack.pos_bias.relative_attention_bias.weight
+                stack.pos_bias.relative_attention_bias.weight = gauss(w.shape, d ** -0.5)
 
     # ------------------------------------------------------------------ pieces
     def set_grad_checkpoint(self, on=True):

@@ -42,6 +42,10 @@ def _random_tape(tape, replay):
         jittor.random = original
 
 
+def _is_float(v):
+    return v.dtype in ("float32", "float16", "bfloat16", "float64")
+
+
 class _Recompute(jt.Function):
     def __init__(self, fn, n_inputs, params):
         self._fn, self._n, self._params = fn, n_inputs, params   # underscores: no jt.Var attributes (JITTOR_NOTES A1)
@@ -52,16 +56,25 @@ class _Recompute(jt.Function):
         tape = []
         with jt.no_grad(), _random_tape(tape, replay=False):
             outs = list(self._fn(*inputs))
-        self._saved = (inputs, tape)
-        return outs
+        # which inputs need a gradient is read now: Jittor marks the taped inputs stop-grad before grad() runs
+        needs = [isinstance(x, jt.Var) and _is_float(x) and not x.is_stop_grad() for x in inputs]
+        self._saved = (inputs, needs, tape)
+        # outputs made under no_grad are stop-grad: fresh float leaves let a following op (another checkpointed
+        # block) see that they need a gradient; this op's grad() is what connects them to the inputs
+        leaves = []
+        for o in outs:
+            o = o.detach()
+            if _is_float(o):
+                o.start_grad()
+            leaves.append(o)
+        return leaves
 
     def grad(self, *grads):
-        inputs, tape = self._saved
+        inputs, needs, tape = self._saved
         self._saved = None
         xs, wants = [], []
-        for x in inputs:
-            if isinstance(x, jt.Var) and x.dtype in ("float32", "float16", "bfloat16", "float64") \
-                    and not x.is_stop_grad():
+        for x, need in zip(inputs, needs):
+            if need:
                 x = x.detach()
                 x.start_grad()
                 wants.append(x)
@@ -70,9 +83,10 @@ class _Recompute(jt.Function):
             outs = list(self._fn(*xs))
         total = None
         for o, g in zip(outs, grads):
-            if g is None or o.dtype not in ("float32", "float16", "bfloat16", "float64"):
+            if g is None or not _is_float(o):
                 continue
-            term = (o * g.cast(o.dtype)).sum()
+            # the incoming gradient is a constant here: its own graph reaches back into this op's outputs
+            term = (o * g.detach().cast(o.dtype)).sum()
             total = term if total is None else total + term
         targets = wants + list(self._params)
         if total is None or not targets:
