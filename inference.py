@@ -1,5 +1,5 @@
 """Inference and scoring on the math / commonsense test sets (SPEC §7, §8; decisions D8, D9, D10 of §13) and on code
-sets (HumanEval / MBPP JSONL: pass@k, the programs run in a sandboxed subprocess each — Utils/code_sets.py).
+sets (HumanEval / MBPP JSONL: pass@k, the programs run in a sandboxed subprocess each — Dataset/code_sets.py).
 
     python inference.py --ckpt_dir CKPT --adapter_path ADAPTER_DIR --data_path data/math/AddSub/test.json \
         --save_path out/AddSub.jsonl [--max_gen_len 128 --min_gen_len 30 --max_batch_size 32 --temperature 0.1]
@@ -110,7 +110,7 @@ def check_args(a):
 def resolve_sets(data_paths, task="auto"):
     """[(set name, test file, kind)] from files, comma lists and directories (<dir>/test.json or
     <dir>/<name>/test.json); kind is "math", "humaneval" or "mbpp" (`task`: auto, math or code)."""
-    from Utils.code_sets import code_file_kind, code_set_name
+    from Dataset.code_sets import code_file_kind, code_set_name
     from Utils.evaluate import dataset_name_from_path
     files = []
     for item in data_paths:
@@ -218,8 +218,8 @@ def score_only(a):
         files = [path]
     else:
         raise UserError("%s: predictions file not found" % path)
-    from Utils.code_sets import code_set_name, is_code_predictions, score_code_file
-    from Utils.math_sets import score_math_file
+    from Dataset.code_sets import code_set_name, is_code_predictions, score_code_file
+    from Dataset.math_sets import score_math_file
     results = {}
     for f in files:
         if is_code_predictions(f):  # pass@k from the stored outcomes; programs are not run again
@@ -261,21 +261,22 @@ def batch_seed(seed, first_index):
 
 
 def open_set(name, path, kind, a):
-    from Utils.math_sets import MathSet
+    from Dataset.math_sets import MathSet
     if kind == "math":
         if a.prompt_template == "completion":
             raise UserError("%s: --prompt_template completion is for code sets only" % path)
         return MathSet(name, path, a)
-    from Utils.code_sets import CodeSet
+    from Dataset.code_sets import CodeSet
     return CodeSet(name, path, kind, a)
 
 
 class Runner:
     """Generates what each test set's `<set>.jsonl` lacks, every rank its shard, rank 0 writing.
 
-    A test set (Utils.math_sets.MathSet, Utils.code_sets.CodeSet) offers: name, records, fields, same(record, saved
-    line), prepare() (rank 0, before generating), prompt_ids(i, tokenizer, max_seq_len, chat), results({i: text}) →
-    {i: record} (rank 0; may hold some back), drain() → the held-back records, score(path) → (summary lines, info)."""
+    A test set (Dataset.math_sets.MathSet, Dataset.code_sets.CodeSet) offers: name, records, fields,
+    same(record, saved line), prepare() (rank 0, before generating), prompt_ids(i, tokenizer, max_seq_len, chat),
+    results({i: text}) → {i: record} (rank 0; may hold some back), drain() → the held-back records,
+    score(path) → (summary lines, info)."""
 
     def __init__(self, a, model, rank, world):
         from Dataset.prompts import ChatPrompt

@@ -42,12 +42,13 @@ class StubModel:
         from Models.hf_tokenizer import HFTokenizer
         self.tokenizer = HFTokenizer(MINIMIND)
         self.args = SimpleNamespace(max_seq_len=1024)
-        self.answers, self.wrong_after, self.asked = answers, wrong_after, []
+        self.answers, self.wrong_after, self.asked, self.prompts = answers, wrong_after, [], []
 
     def generate(self, prompts, max_gen_len, **kw):
         out = []
         for p in prompts:
             text = self.tokenizer.decode(p)
+            self.prompts.append(list(p))
             entry = next(e for e in self.answers if "%s(" % e in text)
             self.asked.append(entry)
             answer = self.answers[entry]
@@ -102,13 +103,20 @@ def first_run(humaneval, tmp_path_factory, jt):
     out = str(tmp_path_factory.mktemp("run") / "HumanEval.jsonl")
     before = _sandbox_pids()
     mp = pytest.MonkeyPatch()
+    model = StubModel()
     try:
         t0 = time.monotonic()
-        run_inference(mp, StubModel(), "--data_path", humaneval, "--save_path", out, "--max_batch_size", "2")
+        run_inference(mp, model, "--data_path", humaneval, "--save_path", out, "--max_batch_size", "2")
         seconds = time.monotonic() - t0
     finally:
         mp.undo()
-    return {"out": out, "seconds": seconds, "left": _sandbox_pids() - before}
+    return {"out": out, "seconds": seconds, "left": _sandbox_pids() - before, "model": model}
+
+
+def test_the_model_is_asked_the_code_prompt(first_run):
+    from Dataset.code_tasks import code_prompt
+    tok = first_run["model"].tokenizer
+    assert first_run["model"].prompts == [tok.encode(code_prompt(t), bos=True, eos=False) for t in TASKS]
 
 
 def test_pass_at_1_is_one_third(first_run):
