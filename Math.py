@@ -34,8 +34,9 @@ def build_parser():
     a("--prompt_template", default="alpaca", choices=PROMPT_TEMPLATES,
       help="alpaca: the reference's prompt; chat: the tokenizer's chat template, instruction (+ input) as the user "
            "turn, the output as the supervised assistant turn (give inference.py the same flags)")
-    a("--chat_template_kwargs", default="", help="JSON object of chat template variables, e.g. "
-                                                  "'{\"enable_thinking\": false}' for Qwen3 (with --prompt_template chat)")
+    a("--chat_template_kwargs", default="",
+      help="JSON object of chat template variables, e.g. '{\"enable_thinking\": false}' for Qwen3 (with "
+           "--prompt_template chat)")
     add_training_flags(p, batch_size=64, epochs=400, weight_decay=0.05, save_interval=100)
     a("--warmup_epochs", type=float, default=None, help="default 1 (40 for topk_moe, adamole, instance, unipeft)")
     a("--blr", type=float, default=1e-3, help="base lr: lr = blr * eff_batch / 256 unless --lr is given")

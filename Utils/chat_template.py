@@ -5,17 +5,18 @@ Jinja environment with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` ext
 tag, a `tojson` filter that does not HTML-escape, and the globals `raise_exception`, `strftime_now`, `dict` and
 `namespace`. The template sees `messages`, `tools`, `documents`, `add_generation_prompt` and the tokenizer's named
 special tokens (`bos_token`, `eos_token`, ...), and any extra keyword argument of `apply_chat_template` as a variable
-of its own (Qwen3's `enable_thinking`; these win over the special tokens, as there). Messages are copied first: keys whose value is None are dropped and a
-reasoning text given as `thinking` / `reasoning` / `reasoning_content` is visible under `thinking` and
-`reasoning_content`. This module reproduces that environment with its own code, so a tokenizer.json tokenizer
-renders the same string without importing transformers.
+of its own (Qwen3's `enable_thinking`; these win over the special tokens, as there). Messages are copied first: keys
+whose value is None are dropped and a reasoning text given as `thinking` / `reasoning` / `reasoning_content` is
+visible under `thinking` and `reasoning_content`. This module reproduces that environment with its own code, so a
+tokenizer.json tokenizer renders the same string without importing transformers.
 
 Assistant spans (what supervised fine-tuning trains on): when the template marks them with `{% generation %}`, the
 marked character ranges, as transformers' `return_assistant_tokens_mask` uses them. Otherwise each assistant turn's
 range is found by rendering prefixes of the conversation: turn i spans from where the rendering of messages[:i]
 with the generation prompt stops agreeing with the rendering of messages[:i+1], to the end of the latter. This needs
 a template whose rendering of a prefix is a prefix of the full rendering (true of ChatML and LLaMA-3 style
-templates); templates that rewrite earlier turns are reported as errors.
+templates, and of Qwen3's for chats that end with their only assistant turns); templates that rewrite earlier turns
+— Qwen3's drops an assistant turn's think block once a user turn follows — are reported as errors.
 """
 import json
 import re
