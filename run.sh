@@ -2,6 +2,7 @@
 # moa-jittor: one script, two commands (both idempotent, nothing to do by hand):
 #   bash run.sh        set up, then run the main job (the embedded demo)
 #   bash run.sh test   set up, then run the test suite
+#   bash run.sh moe    set up, then the MoE-LLM demo (demo_moe.py: tokenizer, MoE vs dense pretraining, SFT)
 #   bash run.sh upcycle  set up, then the Dense2MoE demo (demo_upcycle.py: dense LLaMA -> upcycled MoE, trained on)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,6 +41,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 case "$MODE" in
   test) exec .venv/bin/python -m pytest -q tests "$@" ;;
   demo) exec .venv/bin/python demo.py "$@" ;;
+  moe) exec .venv/bin/python demo_moe.py "$@" ;;
   upcycle) exec .venv/bin/python demo_upcycle.py "$@" ;;
-  *) echo "usage: bash run.sh [test|upcycle] [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh [test|moe|upcycle] [args...]" >&2; exit 2 ;;
 esac
