@@ -128,8 +128,13 @@ class _DenseSlot:
 
     def scale(self, name, transpose):
         self.get(name, transpose)
-        if self.std is None:
-            self.std = float(self.value.std(dtype=np.float64))
+        if self.std is None:   # in row blocks: no float64 copy of a large weight
+            v, n, total, squares = self.value, self.value.size, 0.0, 0.0
+            for i in range(0, v.shape[0], 1024):
+                block = v[i:i + 1024].astype(np.float64)
+                total, squares = total + block.sum(), squares + np.square(block).sum()
+            mean = total / n
+            self.std = float(np.sqrt(max(squares / n - mean * mean, 0.0)))
         return self.std
 
 
@@ -203,8 +208,10 @@ def _expert_copy(slot, src, transpose, zero, noise_std, stream):
         if noise_std <= 0:
             return base
         rng = np.random.default_rng(list(stream))
-        return base + np.float32(noise_std * slot.scale(src, transpose)) * rng.standard_normal(base.shape,
-                                                                                                dtype=np.float32)
+        noisy = rng.standard_normal(base.shape, dtype=np.float32)
+        noisy *= np.float32(noise_std * slot.scale(src, transpose))   # in place: one array besides the dense one
+        noisy += base
+        return noisy
     return copy
 
 
