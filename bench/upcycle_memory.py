@@ -23,6 +23,7 @@ import textwrap
 import time
 
 from common import ROOT, Parser, emit, log, setup_output   # noqa: I100  (bench/ runs with its own directory first)
+from Utils.cli import add_bool
 from Utils.errors import cli_main
 
 # The measured child: run a Python snippet, then print VmHWM (bytes) as the last stdout line.
@@ -59,7 +60,7 @@ def build_parser():
     a("--expert_top_k", type=int, default=2)
     a("--work_dir", default=os.path.join(ROOT, ".cache", "bench_upcycle"), help="where checkpoints are written "
                                                                                  "(removed at the end)")
-    a("--keep", action="store_true", help="keep the generated checkpoints")
+    add_bool(p, "keep", False, "keep the generated checkpoints")
     return p
 
 
