@@ -170,7 +170,8 @@ class Seq2SeqConfig:
 
     def to_dict(self):
         out = dataclasses.asdict(self)
-        out["moe"] = None if self.moe is None else self.moe.to_dict()
+        out["moe"] = None if self.moe is None else {k: v for k, v in self.moe.to_dict().items()
+                                                    if k not in _PLACEMENT}
         return out
 
 
@@ -180,7 +181,8 @@ def moe_from_dict(d):
         return d
     if not isinstance(d, dict):
         raise UserError("model config: moe must be an object or null, got %s" % type(d).__name__)
-    placed = [k for k in _PLACEMENT if k in d]
+    defaults = MoEConfig.__dataclass_fields__
+    placed = [k for k in _PLACEMENT if k in d and d[k] != defaults[k].default]
     if placed:
         raise UserError("model config: moe.%s is not used here: encoder_sparse_step and decoder_sparse_step place "
                         "the MoE layers" % placed[0])
