@@ -168,3 +168,33 @@ def test_moa_adapters_on_the_upcycled_base(dense, tmp_path, jt):
         steps = [json.loads(line) for line in f if '"train"' in line]
     assert len(steps) == 2 and all(np.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
     assert os.path.isdir(run / "adapter")
+
+
+def test_pretrain_and_sft_continue_an_upcycled_checkpoint(dense, tmp_path):
+    """`pretrain.py --init_from OUT --trainable moe` and `sft.py --init_from OUT --trainable router` train the
+    upcycled model: the log carries the LM loss, the aux term apart and each MoE layer's expert load; model/ loads
+    back as the same MoE model."""
+    out = upcycle(dense, str(tmp_path / "m"), num_experts=4, expert_top_k=2, moe_start_layer=1, moe_layer_freq=2,
+                  gate_type="linear", aux_loss_type="mi", aux_loss_weight=0.01)
+    text = tmp_path / "corpus.jsonl"
+    text.write_text("".join(json.dumps({"text": "the expert number %d reads line %d of the corpus." % (i, i * 7)})
+                            + "\n" for i in range(60)))
+    chats = tmp_path / "sft.jsonl"
+    chats.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": "What is %d plus 1?" % i},
+                                                            {"role": "assistant", "content": "%d." % (i + 1)}]})
+                             + "\n" for i in range(20)))
+    common = ["--init_from", out, "--max_steps", "2", "--batch_size", "2", "--max_seq_len", "32", "--log_interval", "1",
+              "--progress", "false", "--save_interval", "0"]
+    for script, data, trainable in (("pretrain.py", text, "moe"), ("sft.py", chats, "router")):
+        run = tmp_path / script.split(".")[0]
+        r = subprocess.run([sys.executable, script, "--data_path", str(data), "--output_dir", str(run),
+                            "--trainable", trainable] + common, capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, script + ":\n" + r.stderr[-3000:]
+        with open(run / "log.txt") as f:
+            steps = [json.loads(line) for line in f if '"train"' in line]
+        assert len(steps) == 2, script
+        for s in steps:
+            assert np.isfinite(s["lm"]) and -np.log(4) - 1e-6 <= s["aux_mi"] <= 1e-6
+            assert sorted(s["expert_load"]) == ["1", "3"]
+        model = load(str(run / "model"))
+        assert [i for i, _ in model.llama.moe_layers()] == [1, 3] and model.args.moe.aux_mi == 0.01
