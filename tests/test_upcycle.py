@@ -338,3 +338,37 @@ def test_seed_style_full_hf_config_is_accepted(dense, dense_logits, tmp_path):
     model = load(str(tmp_path / "o"))
     assert [i for i, _ in model.llama.moe_layers()] == [2] and model.args.moe.aux_mi == 0.01
     assert np.abs(model.logits(tokens()) - dense_logits).max() <= 1e-5
+
+
+def test_cli_flags_follow_the_project_conventions():
+    """Every boolean flag of upcycle.py, demo_upcycle.py and bench/upcycle_memory.py takes `--flag` and `--flag
+    true|false` (decision D3), no store_true switch; a bad value is one UserError line naming the flag; every
+    config key is a flag."""
+    import argparse
+    import importlib.util
+    import demo_upcycle
+    import upcycle
+    from Models.upcycling import KEYS
+    from Utils.cli import is_bool_action
+    spec = importlib.util.spec_from_file_location("bench_upcycle_memory", os.path.join(ROOT, "bench",
+                                                                                       "upcycle_memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    if os.path.join(ROOT, "bench") not in sys.path:   # bench scripts import their `common` module
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+    spec.loader.exec_module(bench)
+    for build, extra in ((upcycle.build_parser, ["--ckpt_dir", "x"]), (demo_upcycle.build_parser, []),
+                         (bench.build_parser, [])):
+        parser = build()
+        bools = [a for a in parser._actions if is_bool_action(a)]
+        assert not [a for a in parser._actions if isinstance(a, (argparse._StoreTrueAction,
+                                                                argparse._StoreFalseAction))]
+        for a in bools:
+            flag = a.option_strings[0]
+            assert getattr(parser.parse_args(extra + [flag]), a.dest) is True
+            assert getattr(parser.parse_args(extra + [flag, "false"]), a.dest) is False
+            with pytest.raises(UserError, match=flag):
+                parser.parse_args(extra + [flag, "maybe"])
+    flags = {a.dest for a in upcycle.build_parser()._actions}
+    assert set(KEYS) <= flags
+    opts = upcycle.build_parser().parse_args(["--ckpt_dir", "x", "--experts_per_layer", "2,4", "--noise_std", "0.1"])
+    assert upcycle.overrides_of(opts) == {"experts_per_layer": [2, 4], "noise_std": 0.1}
