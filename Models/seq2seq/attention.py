@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from Models.kernels import batched_matmul
+from Models.seq2seq.softmax import biased_softmax, biased_softmax_available
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -130,13 +131,16 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
         S = k.shape[1]
         scores = batched_matmul(q, k, transpose_b=True).float32()                    # [B·H, T, S]
-        if self.scale != 1.0:
-            scores = scores * self.scale
-        if bias is not None:
-            scores = (scores.reshape(B, H, T, S) + bias).reshape(B * H, T, S)
-        scores = scores - scores.max(-1, keepdims=True)
-        e = jt.exp(scores)
-        probs = e / e.sum(-1, keepdims=True)                                          # the sum is >= 1
+        if bias is not None and len(bias.shape) == 4 and biased_softmax_available(scores):
+            probs = biased_softmax(scores, bias, H, self.scale)                       # one CPU pass each way
+        else:
+            if self.scale != 1.0:
+                scores = scores * self.scale
+            if bias is not None:
+                scores = (scores.reshape(B, H, T, S) + bias).reshape(B * H, T, S)
+            scores = scores - scores.max(-1, keepdims=True)
+            e = jt.exp(scores)
+            probs = e / e.sum(-1, keepdims=True)                                      # the sum is >= 1
         probs = dropout(probs, self.dropout_p, self.is_training()).cast(q.dtype)
         out = batched_matmul(probs, v)                                                # [B·H, T, hd]
         out = out.reshape(B, H, T, self.head_dim).transpose(0, 2, 1, 3).reshape(B, T, H * self.head_dim)

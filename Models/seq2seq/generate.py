@@ -37,14 +37,16 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _sample(model, src, mask, max_new, rng, temperature, top_p, top_k, repetition_penalty):
+def _sample(model, src, mask, max_new, rng, temperature, top_p, top_k, repetition_penalty, min_new=0):
     cfg = model.cfg
     B = src.shape[0]
     cache = model.new_cache(src, mask)
     cur = np.full((B, 1), cfg.decoder_start_token_id, np.int32)
     hist, done = cur, np.zeros(B, bool)
-    for _ in range(max_new):
+    for step in range(max_new):
         logits = model.decode_step(cur, cache)[:, -1]
+        if step < min_new:   # HF's min_new_tokens: eos is not a candidate yet
+            logits[:, cfg.eos_token_id] = -np.inf
         nxt = next_tokens(logits, hist, rng, temperature, top_p, top_k, repetition_penalty).astype(np.int32)
         nxt = np.where(done, cfg.pad_token_id, nxt)
         hist = np.concatenate([hist, nxt[:, None]], 1)
@@ -116,8 +118,9 @@ def _beam(model, src, mask, max_new, K, length_penalty):
 
 
 def generate(model, sources, max_new_tokens=64, num_beams=1, temperature=0.0, top_k=0, top_p=1.0,
-             repetition_penalty=1.0, length_penalty=1.0, seed=None, batch_size=32):
-    """Generated token lists for `sources` (lists of source token ids, encoded as in training), in eval mode."""
+             repetition_penalty=1.0, length_penalty=1.0, seed=None, batch_size=32, min_new_tokens=0):
+    """Generated token lists for `sources` (lists of source token ids, encoded as in training), in eval mode.
+    `min_new_tokens` (greedy / sampling) keeps eos out of the first tokens, as HF's."""
     check_sampling(temperature, top_p, top_k, repetition_penalty)
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise UserError("generate: num_beams, max_new_tokens and batch_size must be >= 1")
@@ -135,7 +138,7 @@ def generate(model, sources, max_new_tokens=64, num_beams=1, temperature=0.0, to
                     out += _beam(model, src, mask, max_new_tokens, num_beams, length_penalty)
                 else:
                     out += _sample(model, src, mask, max_new_tokens, rng, temperature, top_p, top_k,
-                                   repetition_penalty)
+                                   repetition_penalty, min_new_tokens)
     finally:
         if was_training:
             model.train()
