@@ -243,6 +243,9 @@ class ModelArgs:
         unknown = sorted(set(params) - set(cls.field_names()))
         if unknown:
             raise UserError("%s: unknown key %r (known: %s)" % (path, unknown[0], ", ".join(cls.base_field_names())))
+        if "rope_theta" not in params:
+            # Meta's LLaMA-2 params.json has no rope_theta: its code's default is 10000 (LLaMA-3 writes 500000).
+            params = dict(params, rope_theta=10000.0)
         return cls.create(params, overrides, source=path)
 
     @classmethod

@@ -227,3 +227,15 @@ def test_cli_bad_checkpoint_is_one_line_without_traceback(tmp_path, case):
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert d in lines[0] or "tokenizer.model" in lines[0]
+
+
+def test_llama2_params_json_without_rope_theta_uses_meta_llama2_default(tmp_path):
+    """Meta's LLaMA-2 params.json has no rope_theta; its model code uses 10000 (LLaMA-3's files say 500000)."""
+    import json
+    from Models.model_args import ModelArgs
+    p = tmp_path / "params.json"
+    p.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5,
+                             "vocab_size": 1000}))
+    assert ModelArgs.from_params_json(str(p)).rope_theta == 10000.0
+    p.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 1000, "rope_theta": 500000.0}))
+    assert ModelArgs.from_params_json(str(p)).rope_theta == 500000.0
