@@ -145,6 +145,7 @@ def train(args, margs, resume_path):
     from engine.schedule import EpochSchedule
     from engine.trainer import Trainer
     from Models.llama_adapter import LLaMA_adapter
+    from Models.variants import variant
     from Utils import distributed as dist
     from Utils.runtime import seed_everything
     rank, world = dist.rank(), dist.world_size()
@@ -166,12 +167,14 @@ def train(args, margs, resume_path):
                         "--p_adapter_layers)")
     dist.broadcast_params([p for _, p in named])
     chat = ChatPrompt(args.chat_template_kwargs) if args.prompt_template == "chat" else None
+    # Instance MoA, UniPEFT, Top-K and AdaMoLE route on padded positions too: pad to max_seq_len as the reference.
+    pad_to = margs.max_seq_len if variant(margs.routing).padding_sensitive else None
     train_data = FinetuneData.from_records(records, model.tokenizer, margs.max_seq_len, args.batch_size,
-                                           args.data_seed, rank, world, chat=chat)
+                                           args.data_seed, rank, world, chat=chat, pad_to=pad_to)
     val_data = None
     if val_records:
         val_examples = FinetuneData.from_records(val_records, model.tokenizer, margs.max_seq_len, 1, chat=chat)
-        val_data = EvalData(val_examples.examples, args.batch_size, rank, world, val_examples.n_truncated)
+        val_data = EvalData(val_examples.examples, args.batch_size, rank, world, val_examples.n_truncated, pad_to)
     steps_per_epoch = len(train_data) // args.accum_iter
     if steps_per_epoch == 0:
         raise UserError("--data_path: %d training examples give no optimizer step per epoch (global batch %d × "

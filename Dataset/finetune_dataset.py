@@ -5,9 +5,11 @@ every run, independent of `--seed`. A *global* micro-batch is `batch_size · wor
 that permutation; rank r takes the contiguous slice `[r·batch_size, (r+1)·batch_size)`. The incomplete tail is
 dropped (`drop_last`), so every rank runs the same number of micro-steps (no collective can hang).
 
-Padding: each micro-batch is right-padded to its own longest example (not to max_seq_len). Loss values do not
-depend on the padding (causal mask, ignored labels), Jittor does not recompile for new lengths (JITTOR_NOTES A7),
-and short batches cost less.
+Padding: each micro-batch is right-padded to its own longest example, or to `pad_to` (max_seq_len) when given. For
+per-token routing the loss does not depend on the padding (causal mask, ignored labels), Jittor does not recompile
+for new lengths (docs/jittor_notes.md#a7) and short batches cost less. The variants whose routing sees padding —
+instance MoA and UniPEFT average the padded sequence, Top-K / AdaMoLE count every position in their load-balance
+loss — get `pad_to = max_seq_len` from Math.py, as the reference pads every example there (docs/moa.md).
 """
 import numpy as np
 
@@ -17,9 +19,10 @@ from Dataset.encoding import IGNORE_INDEX, encode_dataset, pad_batch
 class FinetuneData:
     """Encoded (input_ids, labels) pairs served as per-rank micro-batches of numpy int32 [B, T]."""
 
-    def __init__(self, examples, batch_size, data_seed=0, rank=0, world_size=1, n_truncated=0):
+    def __init__(self, examples, batch_size, data_seed=0, rank=0, world_size=1, n_truncated=0, pad_to=None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        self.pad_to = pad_to
         self.examples = list(examples)
         self.batch_size = batch_size
         self.data_seed = data_seed
@@ -28,9 +31,10 @@ class FinetuneData:
         self.n_truncated = n_truncated
 
     @classmethod
-    def from_records(cls, records, tokenizer, max_seq_len, batch_size, data_seed=0, rank=0, world_size=1, chat=None):
+    def from_records(cls, records, tokenizer, max_seq_len, batch_size, data_seed=0, rank=0, world_size=1, chat=None,
+                     pad_to=None):
         examples, n_truncated = encode_dataset(records, tokenizer, max_seq_len, chat)
-        return cls(examples, batch_size, data_seed, rank, world_size, n_truncated)
+        return cls(examples, batch_size, data_seed, rank, world_size, n_truncated, pad_to)
 
     def __len__(self):
         """Micro-steps per epoch (identical on every rank)."""
@@ -51,7 +55,7 @@ class FinetuneData:
         g = self.batch_size * self.world_size
         for i in range(start, len(self)):
             idx = perm[i * g + self.rank * self.batch_size:i * g + (self.rank + 1) * self.batch_size]
-            tokens, labels = pad_batch([self.examples[j] for j in idx])
+            tokens, labels = pad_batch([self.examples[j] for j in idx], self.pad_to)
             yield i, {"tokens": tokens, "labels": labels}
 
     @staticmethod
@@ -74,8 +78,9 @@ class EvalData:
     so the loss is the token-weighted mean over the whole set whatever the number of ranks.
     """
 
-    def __init__(self, examples, batch_size, rank=0, world_size=1, n_truncated=0):
+    def __init__(self, examples, batch_size, rank=0, world_size=1, n_truncated=0, pad_to=None):
         self.examples = list(examples)
+        self.pad_to = pad_to
         self.shard = self.examples[rank::world_size]
         self.batch_size = batch_size
         self.n_truncated = n_truncated
@@ -86,7 +91,7 @@ class EvalData:
     def batches(self):
         """Yield ({"tokens", "labels"}, n_supervised) where n_supervised counts the shifted targets the loss uses."""
         for s in range(0, len(self.shard), self.batch_size):
-            tokens, labels = pad_batch(self.shard[s:s + self.batch_size])
+            tokens, labels = pad_batch(self.shard[s:s + self.batch_size], self.pad_to)
             yield {"tokens": tokens, "labels": labels}, int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 

@@ -64,6 +64,8 @@ class LLaMA_adapter(nn.Module):
         non-fp32 `dtype`, cast to it. Trainable parameters are fp32. Runs before any eval() (docs/jittor_notes.md:
         Jittor's first eval() records the trainable set that a later train() restores)."""
         wanted = trainable_predicate(spec)
+        if spec == "adapters" and self.args.w_bias:  # the reference's w_bias: norms and biases train too
+            wanted = lambda name: is_adapter_param(name) or name.endswith("norm.weight") or name.endswith(".bias")  # noqa: E731
         named = list(self.named_parameters())
         for name, p in named:
             if wanted(name):
@@ -135,8 +137,8 @@ class LLaMA_adapter(nn.Module):
         # The vocabulary projection is the costliest op of a small model: run it on supervised positions only.
         rows = jt.nonzero(target >= 0).reshape(-1)
         if rows.shape[0] == 0:
-            return h.sum() * 0.0  # nothing supervised: a zero loss that still has a graph (as the reference)
-        return head_cross_entropy(h[rows], self.llama.head_weight, target[rows])
+            return h.sum() * 0.0, False  # nothing supervised: a zero loss that still has a graph (as the reference)
+        return head_cross_entropy(h[rows], self.llama.head_weight, target[rows]), True
 
     def loss_terms(self, batch):
         """{name: unweighted scalar}: "lm" (token-mean cross-entropy), "aux_lb" (MoA's MoE-LoRA load balance) and
@@ -144,9 +146,10 @@ class LLaMA_adapter(nn.Module):
         labels and optionally token_mask (True on real tokens; keeps padding out of the routers' statistics)."""
         from Models.moa import collect_aux_losses
         from Models.moe.aux_losses import aux_loss_terms
-        terms = {"lm": self._lm_loss(batch["tokens"], batch["labels"], batch.get("token_mask"))}
+        lm, supervised = self._lm_loss(batch["tokens"], batch["labels"], batch.get("token_mask"))
+        terms = {"lm": lm}
         lb = collect_aux_losses(self.llama)
-        if lb is not None:
+        if lb is not None and supervised:  # the reference adds the load balance only to a supervised batch's loss
             terms["aux_lb"] = lb
         sels = self.llama.pop_selections()
         self._last_selections = [(i, sel.detach()) for i, sel in sels]

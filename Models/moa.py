@@ -120,6 +120,11 @@ def count_trainable_params(args):
                 total += d + 1
         if n and v.family_gates:
             total += 3 * (d + 1)
+    if args.w_bias:  # norms (two per block and the final one) and any base biases train too
+        kv = args.n_kv_heads * args.head_dim
+        total += (2 * args.n_layers + 1) * d + (args.n_layers * (args.n_heads * args.head_dim + 2 * kv)
+                                                if args.attn_bias else 0)
+        total += 2 * args.n_layers * args.head_dim if args.qk_norm else 0
     return total
 
 

@@ -24,6 +24,7 @@ class Variant:
     single_expert: bool = False    # adapters always have one expert (expert_num must be 1)
     all_layers: bool = False       # needs LoRA, prompt and parallel adapter in every layer
     warmup_epochs: float = 1.0     # the reference scripts' default warm-up
+    padding_sensitive: bool = False  # routing sees padded positions (sequence mean, load-balance counts)
 
 
 VARIANTS = {v.name: v for v in (
@@ -32,15 +33,15 @@ VARIANTS = {v.name: v for v in (
     Variant("sparse_moa", "Sparse MoA", "LLaMA3_sparse_moa", block_route="sparse_moa", type_routed=True,
             threshold=True, ffn_gate_target=True, single_expert=True),
     Variant("instance_moa", "instance-level MoA", "LLaMA3_soft_moa_instance", block_route="instance_moa",
-            type_routed=True, warmup_epochs=40.0),
+            type_routed=True, warmup_epochs=40.0, padding_sensitive=True),
     Variant("unipeft", "UniPEFT", "LLaMA3_UniPEFT", block_route="unipeft", family_gates=True, all_layers=True,
-            warmup_epochs=40.0),
+            warmup_epochs=40.0, padding_sensitive=True),
     Variant("soft_moe", "LoRA / MoLoRA / HydraLoRA / prompt / parallel adapter", "LLaMA3_soft_moe",
             expert_adapters=True),
     Variant("topk_moe", "Top-K MoE-LoRA", "LLaMA3_sparse_moe", expert_adapters=True, sparse_lora=True,
-            warmup_epochs=40.0),
+            warmup_epochs=40.0, padding_sensitive=True),
     Variant("adamole", "AdaMoLE", "LLaMA3_sparse_moe (adamole)", expert_adapters=True, sparse_lora=True,
-            warmup_epochs=40.0),
+            warmup_epochs=40.0, padding_sensitive=True),
 )}
 ROUTINGS = tuple(VARIANTS)
 

@@ -297,3 +297,17 @@ def test_adapter_count_with_head_dim_apart(jt, routing):
     if routing != "topk_moe":
         assert model.llama.layers[0].attention.lora_Q.lora_B.weight.shape[0] == 4 * 16   # H·head_dim, not dim 32
     assert model.num_trainable_params() == count_trainable_params(args) == count_params(args)["adapters"]
+
+
+@pytest.mark.parametrize("name", ["soft_moa", "sparse_moa", "soft_moe_lora"])
+def test_w_bias_trains_norms_too_and_the_count_says_so(jt, name):
+    """The reference's w_bias: norm weights (and base biases) join the trainable set; the closed form follows."""
+    from Models.moa import count_trainable_params
+    from tiny_variants import build
+    model = build(name, 0, w_bias=True)
+    names = [n for n, _ in model.trainable_parameters()]
+    assert any(n.endswith("attention_norm.weight") for n in names) and "llama.norm.weight" in names
+    assert model.num_trainable_params() == count_trainable_params(model.args)
+    plain = build(name, 0)
+    d, L = model.args.dim, model.args.n_layers
+    assert model.num_trainable_params() - plain.num_trainable_params() == (2 * L + 1) * d

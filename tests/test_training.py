@@ -437,3 +437,19 @@ def test_gradientless_threshold_is_not_decayed(jt, tokenizer):
     for n in gamma:
         assert np.array_equal(after[n], before[n]), n
     assert any(not np.array_equal(after[n], before[n]) for n in after if "lora_A" in n)
+
+
+def test_padding_sensitive_variants_pad_to_max_seq_len(tokenizer):
+    """Instance MoA, UniPEFT, Top-K and AdaMoLE see padded positions (sequence mean, load-balance counts), so their
+    batches are padded to max_seq_len as the reference pads every example; per-token variants pad to the batch."""
+    from Dataset.finetune_dataset import EvalData, FinetuneData
+    from Models.variants import VARIANTS
+    assert sorted(n for n, v in VARIANTS.items() if v.padding_sensitive) == ["adamole", "instance_moa", "topk_moe",
+                                                                            "unipeft"]
+    data = FinetuneData.from_records(_records(8), tokenizer, 64, 4, pad_to=64)
+    _, batch = next(data.batches(0))
+    assert batch["tokens"].shape == (4, 64) and (batch["labels"][:, -1] == -100).all()
+    _, short = next(FinetuneData.from_records(_records(8), tokenizer, 64, 4).batches(0))
+    assert short["tokens"].shape[1] < 64
+    (ev, n), = list(EvalData(data.examples[:2], 4, pad_to=64).batches())
+    assert ev["tokens"].shape == (2, 64) and n == FinetuneData.target_count(ev)
