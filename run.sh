@@ -43,5 +43,6 @@ case "$MODE" in
   demo) exec .venv/bin/python demo.py "$@" ;;
   moe) exec .venv/bin/python demo_moe.py "$@" ;;
   upcycle) exec .venv/bin/python demo_upcycle.py "$@" ;;
+  seq2seq) exec .venv/bin/python demo_seq2seq.py "$@" ;;
   *) echo "usage: bash run.sh [test|moe|upcycle] [args...]" >&2; exit 2 ;;
 esac
