@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from Models.kernels import batched_matmul
+from Models.kernels import batched_matmul, few_rows_projections
 from Models.seq2seq.softmax import biased_softmax, biased_softmax_available
 from Utils.runtime import import_jittor
 
@@ -114,7 +114,9 @@ class Attention(nn.Module):
         [B, H, T, S]; cache: a dict this layer owns (self: grows; cross: K/V once)."""
         B, T, _ = x.shape
         H = self.n_heads
-        q = self._heads(self.q(x))
+        # decoding (a few rows, no gradient): the projections stream their weights once (Models/kernels.py)
+        fused = few_rows_projections(x, [self.q] if cross else [self.q, self.k, self.v])
+        q = self._heads(fused[0] if fused else self.q(x))
         if cross:
             if cache is not None and "k" in cache:
                 k, v = cache["k"], cache["v"]
@@ -123,7 +125,7 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache["k"], cache["v"] = k, v
         else:
-            k, v = self.kv(x)
+            k, v = (self._heads(fused[1]), self._heads(fused[2])) if fused else self.kv(x)
             if cache is not None:
                 if "k" in cache:
                     k = jt.concat([cache["k"], k], 1)

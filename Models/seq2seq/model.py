@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from Models.kernels import few_rows_matmul_t
 from Models.losses import head_cross_entropy
 from Models.moe.aux_losses import aux_loss_terms, expert_load
 from Models.seq2seq.attention import causal_bias, dropout, padding_bias, sinusoid_table
@@ -244,7 +245,10 @@ class Seq2SeqTransformer(nn.Module):
         """tokens [B, t] (the next target positions) → logits [B, t, V] numpy, the cache advanced."""
         t = jt.array(self._check_ids("target", tokens).astype(np.int32))
         h = self.decode_hidden(t, cache.memory, cache=cache)
-        out = self.head(h).numpy()
+        B, T, d = h.shape
+        # a few rows against the whole vocabulary: the weight-streaming kernel (Models/kernels.py)
+        out = few_rows_matmul_t(self._head_input(h).reshape(B * T, d), self.head_weight).reshape(B, T, -1)
+        out = out.float32().numpy()
         self.pop_selections()
         return out
 
