@@ -44,6 +44,18 @@ def build_parser():
     return p
 
 
+def threads_env():
+    """OpenMP threads for the training runs: the user's OMP_NUM_THREADS, else 1 on a machine already busier than its
+    CPU count (2-thread barriers then wait for preempted threads and a step runs several times slower), else
+    OpenMP's default."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return "%s (from the environment)" % os.environ["OMP_NUM_THREADS"]
+    if os.getloadavg()[0] >= (os.cpu_count() or 1):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        return "1 (the machine is busy: load %.1f on %d CPUs)" % (os.getloadavg()[0], os.cpu_count() or 1)
+    return "OpenMP's default"
+
+
 def run_stage(cmd, log):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
     t0 = time.time()
@@ -120,6 +132,7 @@ def evaluate(model_dir, test_records):
 def main(argv=None):
     a = build_parser().parse_args(argv)
     t_start = time.time()
+    print("threads: %s" % threads_env(), flush=True)
     os.makedirs(a.out_dir, exist_ok=True)
     os.makedirs(a.img_dir, exist_ok=True)
     times = {}
