@@ -38,7 +38,7 @@ def build_parser():
     p.add_argument("--n_train", type=int, default=6000)
     p.add_argument("--n_test", type=int, default=200)
     p.add_argument("--vocab_size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per model")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps per model")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     return p
