@@ -5,9 +5,10 @@
    problems with worked steps, reversing words, sorting numbers, counting capitals, upper-casing), as the seed's
    {"question", "answer"} JSON;
 2. tokenizer: the seed's BPE recipe (Utils/train_tokenizer.py --recipe seq2seq) on the training pairs;
-3. training (train_seq2seq.py): an MoE encoder–decoder in the seed's style (8 ReLU experts, top-1, capacity factor
-   1.25, in every second layer of both stacks) and the same model with dense FFNs — the same active parameters per
-   token — on the same pairs, order and schedule;
+3. training (train_seq2seq.py): an MoE encoder–decoder in the seed's style (8 ReLU experts, top-1, HF Switch's
+   fixed capacity per sequence — 6 tokens per expert, ~4× a balanced share of a 12-token answer —, in every second
+   layer of both stacks) and the same model with dense FFNs — the same active parameters per token — on the same
+   pairs, order and schedule;
 4. evaluation: greedy answers to the held-out test pairs: exact match, the task's own answer check
    (`score_answer`), BLEU and chrF (sacrebleu), per task; the MoE's expert load per layer on the test pairs; a few
    answers; both loss curves.
@@ -28,7 +29,7 @@ from Utils.errors import UserError, cli_main
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BASE = {"embed_size": 128, "num_heads": 4, "hidden_dim": 512, "enc_layers": 4, "dec_layers": 4, "dropout": 0.1,
         "style": "seed", "encoder_sparse_step": 2, "decoder_sparse_step": 2}
-MOE = {"num_experts": 8, "top_k": 1, "capacity_factor": 1.25, "jitter": 0.01, "aux_switch": 0.01, "aux_z": 0.001}
+MOE = {"num_experts": 8, "top_k": 1, "expert_capacity": 6, "jitter": 0.01, "aux_switch": 0.01, "aux_z": 0.001}
 
 
 def build_parser():
