@@ -256,6 +256,12 @@ def test_sampling_is_seeded_and_respects_top_k(jt):
     srcs = [[5, 6, 7], [8, 9]]
     a = model.generate(srcs, 8, temperature=1.0, top_k=3, top_p=0.9, seed=7)
     assert a == model.generate(srcs, 8, temperature=1.0, top_k=3, top_p=0.9, seed=7)
+    # top-k restricts the candidates: with k = 1 sampling is greedy, whatever the seed and temperature
+    greedy = model.generate(srcs, 8)
+    for seed in (0, 1, 2):
+        assert model.generate(srcs, 8, temperature=5.0, top_k=1, seed=seed) == greedy
+    # and sampling is sampling: a hot, unrestricted sampler departs from greedy for some seed
+    assert any(model.generate(srcs, 8, temperature=5.0, seed=s) != greedy for s in range(5))
 
 
 # ----------------------------------------------------------------------------------------------- training pieces
