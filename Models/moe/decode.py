@@ -161,7 +161,7 @@ def _source(k, scoring, renorm, scale, gated):
 def few_rows_moe_applies(layer, x2d):
     """True when `few_rows_moe` may replace the generic path for this layer call (see the module notes)."""
     ex = layer.experts
-    return (jt.flags.no_grad and not layer.record and not layer.is_training() and not jt.flags.use_cuda
+    return (jt.flags.no_grad and not layer.is_training() and not jt.flags.use_cuda
             and enabled("few_rows") and jt.flags.cc_type in ("g++", "clang") and x2d.shape[0] <= FEW_ROWS_MAX
             and layer.cfg.scoring in _MODES and layer.cfg.capacity(1, layer.n_experts) == 0
             and x2d.dtype == "float32" and all(w.dtype == "float32" for w in ex._weights())

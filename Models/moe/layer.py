@@ -9,9 +9,9 @@ Jitter multiplies the router's input only (as the Switch paper intends); HF Mixt
 through an in-place multiply, also feed the jittered states to the experts. Eval outputs are unaffected.
 
 The forward's Selection is kept in `_selection` for the model to collect with `pop_selection()` (never a public
-jt.Var attribute: it would become a parameter, JITTOR_NOTES A1). Under jt.no_grad nothing is kept unless
-`record` is True, so generation does not hold graphs alive. In that case a few rows (decoding) take the one-call
-path of decode.py.
+jt.Var attribute: it would become a parameter, docs/jittor_notes.md A1). Under jt.no_grad nothing is kept unless
+`record` is True, so generation does not hold graphs alive. A few rows in eval (decoding) take the one-call path of
+decode.py whether or not `record` is set, so recording the routing never changes the output.
 """
 from Models.moe.config import MoEConfig
 from Models.moe.decode import few_rows_moe, few_rows_moe_applies
@@ -67,10 +67,12 @@ class MoEFeedForward(nn.Module):
     def execute(self, x, token_mask=None):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)                                                # [N, d], N = B·T
+        mask = None if token_mask is None else _flat_mask(token_mask, B * T)
         if few_rows_moe_applies(self, flat):   # decoding: selection + selected experts in one call (decode.py)
             y = few_rows_moe(flat, self.router(flat.float32()), self.experts, self.cfg)
+            if self.record:   # the routing dump reads the same choice; the output stays the kernel's, bit for bit
+                self._selection = self.route(flat, mask, group_size=T)
             return (y if self.shared is None else y + self.shared(flat)).reshape(B, T, d)
-        mask = None if token_mask is None else _flat_mask(token_mask, B * T)
         sel = self.route(flat, mask, group_size=T)
         y = combine(flat, sel, self.experts, self.n_experts)                      # [N, d]
         if self.shared is not None:
