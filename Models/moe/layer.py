@@ -67,13 +67,12 @@ class MoEFeedForward(nn.Module):
     def execute(self, x, token_mask=None):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)                                                # [N, d], N = B·T
-        mask = None if token_mask is None else _flat_mask(token_mask, B * T)
         if few_rows_moe_applies(self, flat):   # decoding: selection + selected experts in one call (decode.py)
             y = few_rows_moe(flat, self.router(flat.float32()), self.experts, self.cfg)
             if self.record:   # the routing dump reads the same choice; the output stays the kernel's, bit for bit
-                self._selection = self.route(flat, mask, group_size=T)
+                self._selection = self.route(flat, _flat_mask(token_mask, B * T), group_size=T)
             return (y if self.shared is None else y + self.shared(flat)).reshape(B, T, d)
-        sel = self.route(flat, mask, group_size=T)
+        sel = self.route(flat, _flat_mask(token_mask, B * T), group_size=T)
         y = combine(flat, sel, self.experts, self.n_experts)                      # [N, d]
         if self.shared is not None:
             y = y + self.shared(flat)
@@ -88,6 +87,8 @@ class MoEFeedForward(nn.Module):
 
 
 def _flat_mask(token_mask, n):
+    if token_mask is None:
+        return None
     if isinstance(token_mask, jt.Var):
         return token_mask.reshape(n).bool()
     import numpy as np
