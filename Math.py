@@ -64,7 +64,8 @@ def parse_args(argv=None):
 
 
 def resolve_lr(args, world):
-    """SPEC §5.2 step 4: eff_batch = batch_size · accum_iter · world_size; lr = blr · eff_batch / 256 unless given."""
+    """docs/moa.md §5.2 step 4: eff_batch = batch_size · accum_iter · world_size; lr = blr · eff_batch / 256 unless
+    given."""
     args.world_size = world
     args.eff_batch_size = args.batch_size * args.accum_iter * world
     if args.lr is None:

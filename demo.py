@@ -14,7 +14,7 @@ DEMO_VERSION = 3  # bump when the generated data or the base recipe changes, so 
 
 def tiny_base_dir():
     """A tiny LLaMA-3-shaped random base with the real tokenizer, written once and reused."""
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     d = os.path.join(CACHE, "random_base")
     if not os.path.isfile(os.path.join(d, "consolidated.00.pth")):
         make_tiny_checkpoint(d, fmt="meta", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, seed=0)

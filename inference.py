@@ -1,4 +1,5 @@
-"""Inference and scoring on the math / commonsense test sets (SPEC §7, §8; decisions D8, D9, D10 of §13) and on code
+"""Inference and scoring on the math / commonsense test sets (docs/moa.md §7, §8; decisions D8, D9, D10 in docs/moa.md
+§10) and on code
 sets (HumanEval / MBPP JSONL: pass@k, the programs run in a sandboxed subprocess each — Dataset/code_sets.py).
 
     python inference.py --ckpt_dir CKPT --adapter_path ADAPTER_DIR --data_path data/math/AddSub/test.json \
@@ -16,7 +17,7 @@ Math.py), or completion (code sets only: the bare task, for a base model).
 Several sets (`--data_path a.json,b.json`, repeated flags, or a directory of `<name>/test.json`) need `--save_path`
 to be a directory; each set gets `<set>.jsonl`. Per set: `<stem>_summary.txt`, with `--time_gen`
 `<stem>_bs{B}_time.jsonl`, with `--dump_type_weight` / `--dump_token_weight K` `<stem>_type_weight.pkl` /
-`<stem>_token_weight.pkl` (schemas in Utils/routing_dump.py); for the run, `acc_score.json` in the save directory.
+`<stem>_token_weight.pkl` (schemas in Models/routing_dump.py); for the run, `acc_score.json` in the save directory.
 
 Resuming: rerunning the same command keeps the records already in `<set>.jsonl` (one line per record, in data
 order, fsync'ed after every batch; a partial last line is dropped) and generates only the rest. Under mpirun,
@@ -286,13 +287,13 @@ class Runner:
         self.collector = None
         self.dump_indices = set()
         if a.dump_type_weight or a.dump_token_weight:
-            from Utils.routing_dump import RoutingCollector
+            from Models.routing_dump import RoutingCollector
             self.collector = RoutingCollector(model)
 
     def run_set(self, test_set, data_file, out_path):
         """Generate what `<set>.jsonl` lacks (every rank its shard), write it on rank 0, return rank 0's score."""
         from Utils import distributed as dist
-        from Utils.routing_dump import TokenWeightDump, TypeWeightStats, save_pickle
+        from Models.routing_dump import TokenWeightDump, TypeWeightStats, save_pickle
         a, model, tok, name = self.a, self.model, self.model.tokenizer, test_set.name
         msl = model.args.max_seq_len
         records = test_set.records
@@ -362,7 +363,7 @@ class Runner:
 
     def _generate(self, batch, prompts, stats, dumper):
         """Generate one batch on this rank; returns what rank 0 needs (outputs, timing, dumps)."""
-        from Utils.routing_dump import real_lengths
+        from Models.routing_dump import real_lengths
         a, model = self.a, self.model
         single_dump = dumper is not None and batch[0] in self.dump_indices  # such batches hold one record
         gen_len = a.max_gen_len + 1 if single_dump else a.max_gen_len  # one more step: the last token is read too
@@ -395,7 +396,7 @@ class Runner:
         return payload
 
     def _write_times(self, s, timings):
-        """SPEC §7 example_time.py: sums and per-example means over this run's batches (all ranks)."""
+        """docs/moa.md §7 example_time.py: sums and per-example means over this run's batches (all ranks)."""
         total = sum(t["n"] for t in timings)
         all_cost = sum(t["all_cost"] for t in timings)
         inf_cost = sum(t["inference_cost"] for t in timings)

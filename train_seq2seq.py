@@ -92,7 +92,7 @@ def build_model(args, tokenizer):
 
 
 def set_dtype(model, dtype):
-    """Half types on CUDA only (JITTOR_NOTES A5: CPU half matmuls are ~300–900× slower and bf16 is inexact)."""
+    """Half types on CUDA only (docs/jittor_notes.md A5: CPU half matmuls are ~300–900× slower and bf16 is inexact)."""
     if dtype == "float32":
         return
     from Utils.runtime import import_jittor

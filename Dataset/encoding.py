@@ -1,4 +1,5 @@
-"""Training examples as token ids plus aligned labels (SPEC §6.3 with decisions D4, D5, D6 of §13), framed by the
+"""Training examples as token ids plus aligned labels (docs/moa.md §6.3 with decisions D4, D5, D6 in docs/moa.md §10),
+framed by the
 Alpaca prompt or, with a `Dataset.prompts.ChatPrompt`, by the tokenizer's chat template."""
 from collections import namedtuple
 
@@ -29,7 +30,7 @@ def _encode_no_input(record, tokenizer):
 
 
 def _encode_with_input(record, tokenizer, max_seq_len):
-    # Pieces tokenised separately (SPEC §6.3). Like the reference, the input is what gives way when the
+    # Pieces tokenised separately (docs/moa.md §6.3). Like the reference, the input is what gives way when the
     # prompt is too long, here just enough to leave room for one answer token.
     head, inp, resp = input_prompt_pieces(record)
     head_ids = tokenizer.encode(head, bos=True, eos=False)

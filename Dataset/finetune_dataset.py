@@ -1,4 +1,4 @@
-"""Batching and rank sharding of encoded fine-tuning examples (SPEC §5.2 step 6 with decision D7).
+"""Batching and rank sharding of encoded fine-tuning examples (docs/moa.md §5.2 step 6 with decision D7).
 
 Order: one permutation per epoch from `np.random.default_rng(data_seed + epoch)` — the same on every rank and in
 every run, independent of `--seed`. A *global* micro-batch is `batch_size · world_size` consecutive entries of

@@ -1,4 +1,4 @@
-"""Synthetic arithmetic word problems in the LLM-Adapters record format (SPEC §6.1), for tiny-model demos.
+"""Synthetic arithmetic word problems in the LLM-Adapters record format (docs/moa.md §6.1), for tiny-model demos.
 
 Not part of the paper: our own deterministic generator, so a demo can pre-train a tiny base model on one
 family ("base": one-step addition/subtraction, in sentences that already use most of the task's words) and
@@ -146,7 +146,7 @@ def _record(question, restatement, steps):
     work = " ".join("%d %s %d = %d." % step for step in steps)
     return {"instruction": question, "input": "",
             # A leading space, not "\n": tiktoken would merge the prompt's final ":" with a newline into one token
-            # (":\n", SPEC §6.3), so the answer's first token would follow a prompt end never seen at inference.
+            # (":\n", docs/moa.md §6.3), so the answer's first token would follow a prompt end never seen at inference.
             "output": " %s %s The answer is %d." % (restatement, work, answer),
             "answer": str(float(answer))}  # "12.0", the form the shared numeric test sets use
 

@@ -1,4 +1,5 @@
-"""Math and commonsense test sets in inference.py (SPEC §7, §8): records with an answer, the prediction read off each
+"""Math and commonsense test sets in inference.py (docs/moa.md §7, §8): records with an answer, the prediction read off
+each
 generation (Utils.evaluate), accuracy of a predictions file. The code-set counterpart is Dataset/code_sets.py."""
 import math
 import os

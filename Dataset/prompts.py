@@ -1,5 +1,5 @@
 """Prompt templates: the text the model sees before its response, in training and inference — the reference's
-Alpaca templates (SPEC §6.2, the default) or a tokenizer's own chat template (`ChatPrompt`, e.g. Qwen3's)."""
+Alpaca templates (docs/moa.md §6.2, the default) or a tokenizer's own chat template (`ChatPrompt`, e.g. Qwen3's)."""
 import json
 
 from Utils.errors import UserError
@@ -17,7 +17,7 @@ PROMPT_WITH_INPUT = (
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 
-# The with-input template cut where the reference tokenises it in pieces (SPEC §6.3): head | input | tail.
+# The with-input template cut where the reference tokenises it in pieces (docs/moa.md §6.3): head | input | tail.
 RESPONSE_HEADER = "\n\n### Response:"
 
 

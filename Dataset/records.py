@@ -1,4 +1,4 @@
-"""Loading and validating instruction records {instruction, input, output, answer} (SPEC §6.1)."""
+"""Loading and validating instruction records {instruction, input, output, answer} (docs/moa.md §6.1)."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Adapter files shared with the PyTorch original (SPEC §5.4–5.5, D11): `adapter.pth` with the reference's key
+"""Adapter files shared with the PyTorch original (docs/moa.md §5.4–5.5, D11): `adapter.pth` with the reference's key
 names (prefixed `llama.`) plus `adapter_params.json` beside it.
 
 We write `adapter.pth` in PyTorch's zip format without torch (Utils.checkpoint_io), so `torch.load` reads our
@@ -29,7 +29,8 @@ OUR_KEYS = {"routing", "w_bias", "lora_layers", "lora_rank", "lora_targets", "lo
             "p_adapter_layers", "p_adapter_size", "p_adapter_hydra", "prompt_layers", "prompt_len", "max_seq_len",
             "expert_num", "hydra_moe", "max_threshold", "const_threshold", "threshold_grad", "router_input", "top_k",
             "lb_loss_coeff", "noisy_router"}
-# Block-level keys the sparse_moe reference creates but SPEC §3.6 does not use: ignored when loading topk/adamole.
+# Block-level keys the sparse_moe reference creates but docs/moa.md §3.6 does not use: ignored when loading
+# topk/adamole.
 SPARSE_MOE_UNUSED = ("adapter_type_router", "adapter_threshold_fn", "adapter_noise_linear")
 _BLOCK_UNUSED = re.compile(r"^llama\.layers\.\d+\.(%s)\." % "|".join(SPARSE_MOE_UNUSED))
 # The Top-K / AdaMoLE module of a target sits at `lora_X` (reference layout): its router, AdaMoLE's threshold,
@@ -88,7 +89,7 @@ def read_adapter_state(path):
 
 
 def infer_routing(keys):
-    """Which variant wrote these keys, when adapter_params.json does not say (SPEC §0 variants)."""
+    """Which variant wrote these keys, when adapter_params.json does not say (docs/moa.md §0 variants)."""
     keys = list(current_names(dict.fromkeys(keys)))
     has = lambda s: any(s in k for k in keys)  # noqa: E731
     if any(_TOPK_KEY.search(k) for k in keys):

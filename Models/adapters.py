@@ -1,4 +1,5 @@
-"""Adapter experts of MoA (SPEC §2, §3.6): LoRA / MoLoRA / HydraLoRA, parallel adapter, zero-gated prompt, and the
+"""Adapter experts of MoA (docs/moa.md §2, §3.6): LoRA / MoLoRA / HydraLoRA, parallel adapter, zero-gated prompt, and
+the
 sparse MoE-LoRA forms (Top-K, AdaMoLE) with their load-balance loss.
 
 One interface: `delta = adapter(x)`; the block's route decides how the delta is weighted. Attribute names follow
@@ -43,7 +44,7 @@ def linear(in_features, out_features, bias=True, init="default"):
 
 
 def softmax32(logits):
-    """Router softmax in float32, cast back to the activation dtype (SPEC §2.3)."""
+    """Router softmax in float32, cast back to the activation dtype (docs/moa.md §2.3)."""
     return nn.softmax(logits.float32(), dim=-1).cast(logits.dtype)
 
 
@@ -59,7 +60,7 @@ class _Recorder:
 
 # ---------------------------------------------------------------------------- LoRA family
 class MOELoraLayer(nn.Module, _Recorder):
-    """LoRA on one projection (SPEC §2.2–2.3): E=1 plain LoRA; E>1 MoLoRA (E pairs) or HydraLoRA (shared A).
+    """LoRA on one projection (docs/moa.md §2.2–2.3): E=1 plain LoRA; E>1 MoLoRA (E pairs) or HydraLoRA (shared A).
 
     delta(x) = Σ_e g_e · (α/r) · B_e A_(e) x with g = softmax(router x) (fp32) when E > 1.
     """
@@ -124,7 +125,7 @@ class NoisyTopkRouter(nn.Module):
 
 
 def load_balance_loss(frac_counts, probs, n_tokens, expert_num):
-    """Switch-style auxiliary loss (SPEC §3.6): E · Σ_e (count_e/N) · (Σ_tokens p_e / N)."""
+    """Switch-style auxiliary loss (docs/moa.md §3.6): E · Σ_e (count_e/N) · (Σ_tokens p_e / N)."""
     return expert_num * ((frac_counts / n_tokens) * (probs.sum(0) / n_tokens)).sum()
 
 
@@ -132,14 +133,14 @@ FLT_MIN = 1.17549435e-38  # smallest normal float32
 
 
 def renormalise(w):
-    """w / Σ_e w per row; a row whose sum is 0 or denormal (|s| < FLT_MIN) is divided by 1 instead (SPEC §3.6:
+    """w / Σ_e w per row; a row whose sum is 0 or denormal (|s| < FLT_MIN) is divided by 1 instead (docs/moa.md §3.6:
     "sum 0 → divide by 1"). Jittor's CPU kernels flush denormals, so a denormal divisor could become 0 (→ NaN)."""
     s = w.sum(-1, keepdims=True)
     return w / jt.ternary(s.abs() < FLT_MIN, jt.ones_like(s), s)
 
 
 class _SparseMoE(nn.Module, _Recorder):
-    """E LoRA experts on flattened tokens [N, in], mixed by per-token weights [N, E] (SPEC §3.6). The module is
+    """E LoRA experts on flattened tokens [N, in], mixed by per-token weights [N, E] (docs/moa.md §3.6). The module is
     the `lora_X` attribute itself, as in the reference: `lora_X.router.*`, `lora_X.experts.<e>.lora_{A,B}`."""
 
     def _make_experts(self, in_features, out_features, rank, alpha, expert_num):
@@ -223,7 +224,8 @@ def SparseMoELoraLayer(in_features, out_features, rank, alpha, expert_num, routi
 
 # ---------------------------------------------------------------------------- parallel adapter
 class PAdapterLayer(nn.Module, _Recorder):
-    """FFN-parallel bottleneck up(silu(down h)) on the ffn-normed state (SPEC §2.4); Xavier gain 1e-4, zero bias."""
+    """FFN-parallel bottleneck up(silu(down h)) on the ffn-normed state (docs/moa.md §2.4); Xavier gain 1e-4, zero
+    bias."""
 
     def __init__(self, dim, size, expert_num=1, hydra=False):
         self.expert_num = expert_num
@@ -294,7 +296,7 @@ def prompt_keys_values(attention, dtype, start_pos=0, use_cache=False):
 
 
 def prompt_attention(attention, q, x, kv=None):
-    """Zero-gated prompt attention (SPEC §2.5). q: RoPE'd queries grouped by KV head, [B·H_kv, n_rep·T, hd]
+    """Zero-gated prompt attention (docs/moa.md §2.5). q: RoPE'd queries grouped by KV head, [B·H_kv, n_rep·T, hd]
     (head h = j·n_rep + r under KV head j, as in Attention.execute); x: the attention-normed input [B, T, d];
     kv: the prompt's keys and values (prompt_keys_values; computed here when None).
 

@@ -1,4 +1,4 @@
-"""Batched KV-cache generation (SPEC §7 with D8 per-sequence stopping and D14 lazy caches)."""
+"""Batched KV-cache generation (docs/moa.md §7 with D8 per-sequence stopping and D14 lazy caches)."""
 import numpy as np
 
 from Utils.errors import UserError

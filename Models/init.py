@@ -11,7 +11,7 @@ Rules, by parameter name (our names, Models/param_count.py):
 * the projections that write into the residual stream — `attention.wo`, the dense `w2`, the experts' and shared
   experts' `w2` — use std / sqrt(2 · n_layers) instead: each block adds two such terms to the residual, so their sum
   over depth keeps the scale of the embeddings (GPT-2 §2.3; minimind v1 meant to do this, wyf3's copy matches
-  renamed parameters and so never does — MOE_SPEC §1(a));
+  renamed parameters and so never does — seed 001's anchors);
 * biases are 0 and RMSNorm weights are 1;
 * left as the modules built them, on purpose: the noisy-gating projection `noise.weight` (zero, so the noise std
   starts at its floor) and the "gmm" router's centroids N(0, 1) and temperature 0 (cosine logits in [-1, 1]);

@@ -3,7 +3,7 @@ causal attention softmax, SwiGLU, RMSNorm and RoPE (each forward and backward), 
 The head's cross-entropy kernels are in Models/losses.py.
 
 **batched_matmul.** 
-Jittor's `jt.matmul` on 3-D/4-D inputs is a fused broadcast-multiply-sum loop on CPU (JITTOR_NOTES A8); only the
+Jittor's `jt.matmul` on 3-D/4-D inputs is a fused broadcast-multiply-sum loop on CPU (docs/jittor_notes.md A8); only the
 2-D form is relayed to oneDNN. At the benchmark shape that loop ran attention at ~50 GFLOP/s where oneDNN's sgemm
 gives ~210. `batched_matmul` calls `dnnl_sgemm` once per batch entry from a small JIT kernel, with the
 transposes folded into the GEMM flags (no copies), and defines its gradient with the same kernel. Everything else
@@ -65,7 +65,7 @@ def _gemm(a, b, ta, tb):
 
 class _BatchedMatmul(jt.Function):
     def execute(self, a, b, transpose_b):
-        self._saved = (a, b, transpose_b)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        self._saved = (a, b, transpose_b)  # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         return _gemm(a, b, False, transpose_b)
 
     def grad(self, g):
@@ -359,7 +359,7 @@ class _CausalSoftmax(jt.Function):
     def execute(self, scores, t_var, scale_var):
         p = jt.code(scores.shape, "float32", [scores, t_var, scale_var], cpu_header="#include <cmath>\n#include <cstdint>",
                     cpu_src=_SOFTMAX_FWD)
-        self._saved = (p, scale_var)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        self._saved = (p, scale_var)  # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         return p
 
     def grad(self, g):
@@ -432,7 +432,7 @@ _SWIGLU_BWD = r"""
 
 class _SwiGLU(jt.Function):
     def execute(self, gate, up):
-        self._saved = (gate, up)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        self._saved = (gate, up)  # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         return jt.code(gate.shape, "float32", [gate, up], cpu_header=_SWIGLU_HEADER, cpu_src=_SWIGLU_FWD)
 
     def grad(self, g):
@@ -498,7 +498,7 @@ class _RMSNorm(jt.Function):
     def execute(self, x, weight, eps_var):
         y, r = jt.code([x.shape, (x.shape[0],)], ["float32"] * 2, [x, weight, eps_var],
                        cpu_header="#include <cmath>\n#include <cstdint>", cpu_src=_RMS_FWD)
-        # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         self._saved = (x, weight, r, weight.is_stop_grad())
         return y
 
@@ -554,7 +554,7 @@ def _rope(x, cos, sin, sign):
 
 class _Rope(jt.Function):
     def execute(self, x, cos, sin):
-        self._saved = (cos, sin)  # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        self._saved = (cos, sin)  # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         return _rope(x, cos, sin, _const(1.0, np.float32))
 
     def grad(self, g):

@@ -1,4 +1,5 @@
-"""LLaMA-3 / 3.1 transformer (SPEC §1) in Jittor, with Meta's parameter names and the adapter insertion points of §2.
+"""LLaMA-3 / 3.1 transformer (docs/moa.md §1) in Jittor, with Meta's parameter names and the adapter insertion points of
+§2.
 
 Order as in Meta's model.py: RMSNorm, RoPE helpers, Attention (lazy KV cache), TransformerBlock, Transformer; the
 FFN of each block (dense, or a mixture of experts) comes from `Models/ffn.py`. Switches in ModelArgs cover the other
@@ -31,13 +32,13 @@ class RMSNorm(nn.Module):
         fused = rms_norm(x, self.weight, self.eps)   # fp32 on CPU: one kernel each way (Models/kernels.py)
         if fused is not None:
             return fused
-        xf = x.float32()  # statistics in fp32 (SPEC §1.2), cast back before the weight
+        xf = x.float32()  # statistics in fp32 (docs/moa.md §1.2), cast back before the weight
         normed = xf * jt.rsqrt((xf * xf).mean(-1, keepdims=True) + self.eps)
         return normed.cast(x.dtype) * self.weight
 
 
 def rope_frequencies(head_dim, theta, use_scaled_rope):
-    """Base RoPE frequencies f_j = theta^(-2j/hd), with Llama-3.1's piecewise rescaling (SPEC §1.3)."""
+    """Base RoPE frequencies f_j = theta^(-2j/hd), with Llama-3.1's piecewise rescaling (docs/moa.md §1.3)."""
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2)[: head_dim // 2].astype(np.float64) / head_dim))
     if not use_scaled_rope:
         return freqs.astype(np.float32)
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         # Adapters (set by Models.moa.attach_adapters), named as in the reference.
         self.lora_Q = self.lora_K = self.lora_V = self.lora_O = None
         self.prompt = self.prompt_gate = self.prompt_router = None
-        # Underscore names: KV caches must never become parameters (JITTOR_NOTES A1).
+        # Underscore names: KV caches must never become parameters (docs/jittor_notes.md A1).
         self._cache_k = self._cache_v = None
         self._prompt_kv = None    # the prompt adapter's keys / values within a generation (prompt_keys_values)
 
@@ -156,7 +157,7 @@ class Attention(nn.Module):
         return [add_adapter(b, n, getattr(self, n), x, route) for b, n in zip(base, names)]
 
     def _prompt(self, q, x, output, route, start_pos, use_cache):
-        """output + the route-weighted zero-gated prompt (SPEC §2.5): one kernel call when decoding."""
+        """output + the route-weighted zero-gated prompt (docs/moa.md §2.5): one kernel call when decoding."""
         kv = prompt_keys_values(self, q.dtype, start_pos, use_cache)   # kept for the generation when decoding
         fused = prompt_attention_add(self, q, output, kv, route)
         if fused is not None:
@@ -206,7 +207,7 @@ class Attention(nn.Module):
             probs = nn.softmax(scores, dim=-1).cast(q.dtype)
         output = batched_matmul(probs, values).reshape(B, self.n_heads, T, hd)         # [B, H, T, hd]
         if self.prompt is not None:
-            # Zero-gated prompt (SPEC §2.5): own softmax over prompt slots, frozen wk/wv, weighted by the route.
+            # Zero-gated prompt (docs/moa.md §2.5): own softmax over prompt slots, frozen wk/wv, weighted by the route.
             output = self._prompt(q, x, output, route, start_pos, use_cache)
         output = output.transpose(0, 2, 1, 3).reshape(B, T, -1)           # [B, T, H·hd]
         return add_adapter(self.wo(output), "lora_O", self.lora_O, output, route)
@@ -220,7 +221,7 @@ class TransformerBlock(nn.Module):
         self.is_moe = is_moe(self.feed_forward)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.p_adapter = None     # parallel adapter beside the FFN (SPEC §2.4)
+        self.p_adapter = None     # parallel adapter beside the FFN (docs/moa.md §2.4)
         # Routing (Models.routing): kind, and the reference's adapter_type_router / adapter_threshold_fn /
         # lora_gate, prompt_gate, p_adapter_gate modules, set by attach_adapters. None → adapters unweighted.
         self.routing_kind = None

@@ -201,7 +201,7 @@ class LLaMA_adapter(nn.Module):
 
     def generate(self, prompt_tokens, max_gen_len, temperature=0.0, top_p=0.75, seed=None, on_step=None, top_k=0,
                  repetition_penalty=1.0):
-        """Batched generation with the KV cache: prefill the common prefix, then one token per step (SPEC §7).
+        """Batched generation with the KV cache: prefill the common prefix, then one token per step (docs/moa.md §7).
 
         Greedy at temperature 0, else temperature + top-k (0 = off) + top-p sampling; `repetition_penalty` (1.0 =
         off) as Hugging Face's. Returns the generated token lists (prompt excluded), each cut at its first stop

@@ -1,4 +1,4 @@
-"""The output projection and cross-entropy fused into one differentiable op (the training loss of SPEC §5.3).
+"""The output projection and cross-entropy fused into one differentiable op (the training loss of docs/moa.md §5.3).
 
 With a 128k vocabulary the projection h·Wᵀ is most of a small model's training FLOPs, and the [rows, V] logits are
 its largest tensors. Left to autograd, `logits - max`, `exp`, the softmax sum and their gradients each materialise
@@ -121,7 +121,7 @@ class _HeadCrossEntropyCPU(jt.Function):
         mx = cm.max(1, keepdims=True)                                    # M
         shift = (cm - mx).exp()                                          # exp(m_c − M)
         s = (cs * shift).sum(1, keepdims=True)                           # S
-        # Underscore attribute: no jt.Var may become a public attribute (JITTOR_NOTES A1).
+        # Underscore attribute: no jt.Var may become a public attribute (docs/jittor_notes.md A1).
         self._saved = ("trainable", h, weight, target, e, shift / s)
         return (s.log() + mx - picked.reshape(-1, 1)).mean()
 
@@ -134,7 +134,7 @@ class _HeadCrossEntropyCPU(jt.Function):
         outs = jt.code(shapes, ["float32"] * len(shapes), [h, weight, target], cpu_header=_HEADER,
                        cpu_src=_ONE_PASS_SRC % parts)
         mx, s, picked = outs[:3]
-        # Underscore attribute: no jt.Var may become a public attribute (JITTOR_NOTES A1).
+        # Underscore attribute: no jt.Var may become a public attribute (docs/jittor_notes.md A1).
         self._saved = ("frozen", weight, target, outs[3] if want_dh else None, s)
         return (s.log() + mx - picked).mean()
 
@@ -165,7 +165,7 @@ class _HeadCrossEntropy(jt.Function):
         e = (z - mx).exp()
         s = e.sum(1, keepdims=True)
         picked = logits.gather(1, target.reshape(-1, 1))                       # [m, 1]
-        # Underscore attribute: no jt.Var may become a public attribute (JITTOR_NOTES A1).
+        # Underscore attribute: no jt.Var may become a public attribute (docs/jittor_notes.md A1).
         self._saved = (h, weight, target, e, s, weight.is_stop_grad())
         return (s.log() + mx - picked).mean()
 

@@ -1,4 +1,4 @@
-"""Mixture of Adapters assembly (SPEC §3–§4): which adapters each block gets for a `routing` variant, the
+"""Mixture of Adapters assembly (docs/moa.md §3–§4): which adapters each block gets for a `routing` variant, the
 analytic trainable-parameter count of §4.2, auxiliary losses, and routing-weight recording for dumps (§9, D10).
 """
 import numpy as np
@@ -21,7 +21,7 @@ def _target_dims(args, target):
 
 
 def layer_types(args, layer_id):
-    """Adapter types present in a layer, in the fixed type-column order (SPEC §3.1)."""
+    """Adapter types present in a layer, in the fixed type-column order (docs/moa.md §3.1)."""
     present = set()
     if layer_id in args.lora_layers:
         present.update(TARGET_ATTR[t] for t in args.lora_targets)
@@ -74,7 +74,7 @@ def attach_adapters(llama, args):
 
 
 def collect_aux_losses(llama):
-    """Σ of the load-balance losses of every Top-K / AdaMoLE module in the last training forward (SPEC §3.6)."""
+    """Σ of the load-balance losses of every Top-K / AdaMoLE module in the last training forward (docs/moa.md §3.6)."""
     total = None
     for m in llama.modules():
         lb = getattr(m, "_lb_loss", None)
@@ -85,7 +85,8 @@ def collect_aux_losses(llama):
 
 
 def count_trainable_params(args):
-    """Trainable parameters by the closed forms of SPEC §4.2 — no model is built (works for 8B in microseconds)."""
+    """Trainable parameters by the closed forms of docs/moa.md §4.2 — no model is built (works for 8B in
+    microseconds)."""
     d, H, E, r, P, S = args.dim, args.n_heads, args.expert_num, args.lora_rank, args.prompt_len, args.p_adapter_size
     v = variant(args.routing)
     total = 0

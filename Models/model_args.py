@@ -1,4 +1,5 @@
-"""`ModelArgs`: the LLaMA-3 base configuration (SPEC §1) plus the adapter section (SPEC §2–§5), typed and validated.
+"""`ModelArgs`: the LLaMA-3 base configuration (docs/moa.md §1) plus the adapter section (docs/moa.md §2–§5), typed and
+validated.
 
 The reference's string flags (`0-8,24-32`, `Q,K,V,O,FFN_DOWN`) are accepted at the edge by `parse_layers` /
 `parse_targets` and stored typed (tuples); `adapter_params()` turns them back into the reference's strings.
@@ -12,7 +13,7 @@ from Models.moe.config import MoEConfig
 from Models.variants import ROUTINGS, VARIANTS, variant  # noqa: F401  (ROUTINGS re-exported)
 from Utils.errors import UserError
 
-# Type-column order is fixed by the reference code, not by the order in lora_targets (SPEC §3.1).
+# Type-column order is fixed by the reference code, not by the order in lora_targets (docs/moa.md §3.1).
 LORA_TARGETS = ("Q", "K", "V", "O", "FFN_UP", "FFN_GATE", "FFN_DOWN")
 THRESHOLD_GRADS = ("none", "ste", "shifted")
 # What the type router and Γ read: the block input (the LLaMA3 reference) or its attention_norm (MoA_Transformers).
@@ -111,7 +112,7 @@ class ModelArgs:
     hidden_act: str = "silu"                  # activation of the dense FFN
     ffn_gated: bool = True                    # SwiGLU (gated) or a plain act FFN (ReLU models for MoEfication)
     moe: Optional[MoEConfig] = None           # None: every FFN is dense; else the MoE section (Models/moe/config.py)
-    # ---- adapters (SPEC §5.1 names) ----
+    # ---- adapters (docs/moa.md §5.1 names) ----
     routing: str = "soft_moa"
     w_bias: bool = False
     lora_layers: Tuple[int, ...] = ()
@@ -283,7 +284,8 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     def adapter_params(self):
-        """The reference's adapter_params.json keys (SPEC §5.4) plus ours (routing, threshold_grad, router_input)."""
+        """The reference's adapter_params.json keys (docs/moa.md §5.4) plus ours (routing, threshold_grad,
+        router_input)."""
         return {
             "routing": self.routing, "w_bias": self.w_bias,
             "lora_layers": format_layers(self.lora_layers), "lora_rank": self.lora_rank,

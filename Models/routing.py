@@ -1,4 +1,4 @@
-"""Routing of MoA (SPEC §2.6, §3.1–3.4, D1, D2): type routers, the trainable threshold Γ, and the per-forward
+"""Routing of MoA (docs/moa.md §2.6, §3.1–3.4, D1, D2): type routers, the trainable threshold Γ, and the per-forward
 `route` objects that weight each adapter's output (dense, sparse gather→adapter→scatter, instance, UniPEFT gates).
 """
 from Models.adapter_kernels import type_weights
@@ -10,7 +10,7 @@ from Utils.runtime import import_jittor
 jt = import_jittor()
 nn = jt.nn
 
-# Column order of the type weights is fixed by the reference (SPEC §3.1): attention group, FFN group, PA.
+# Column order of the type weights is fixed by the reference (docs/moa.md §3.1): attention group, FFN group, PA.
 TYPE_ORDER = ("lora_Q", "lora_K", "lora_V", "prompt", "lora_O", "lora_UP", "lora_GATE", "lora_DOWN", "p_adapter")
 TYPE_LABELS = {"lora_Q": "LoRA-Q", "lora_K": "LoRA-K", "lora_V": "LoRA-V", "prompt": "Prompt", "lora_O": "LoRA-O",
                "lora_UP": "LoRA-UP", "lora_GATE": "LoRA-GATE", "lora_DOWN": "LoRA-DOWN", "p_adapter": "PAdapter"}
@@ -19,7 +19,7 @@ TARGET_ATTR = {"Q": "lora_Q", "K": "lora_K", "V": "lora_V", "O": "lora_O",
 
 
 class Router(nn.Module):
-    """SwiGLU type router w2(silu(w1 x) ⊙ w3 x), hidden s·n, default weight init, all biases zero (SPEC §2.6)."""
+    """SwiGLU type router w2(silu(w1 x) ⊙ w3 x), hidden s·n, default weight init, all biases zero (docs/moa.md §2.6)."""
 
     def __init__(self, dim, hidden, n):
         self.w1 = linear(dim, hidden, init="default_zero_bias")
@@ -136,7 +136,7 @@ class GateRoute:
 
 
 def masked_weights(w, gamma, threshold_grad):
-    """Sparse MoA effective weights (SPEC §3.2, D1). Mask m = 1[w − Γ ≥ 0].
+    """Sparse MoA effective weights (docs/moa.md §3.2, D1). Mask m = 1[w − Γ ≥ 0].
 
     none: w·m (reference; Γ gets no gradient). ste: w·m + (w−Γ)·m − stop_grad((w−Γ)·m) (same forward, Γ and
     router get the shifted gradient). shifted: (w−Γ)·m (AdaMoLE-style).

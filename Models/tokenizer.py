@@ -1,4 +1,4 @@
-"""LLaMA-3 tokenizer (SPEC §6.4): tiktoken BPE ranks from `tokenizer.model` plus 256 special tokens.
+"""LLaMA-3 tokenizer (docs/moa.md §6.4): tiktoken BPE ranks from `tokenizer.model` plus 256 special tokens.
 
 It implements the project's tokenizer interface (listed in `Models/hf_tokenizer.py`) with LLaMA-3's chat format,
 as Meta's `llama3` ChatFormat builds it: `<|begin_of_text|>`, then per message `<|start_header_id|>` role
@@ -15,7 +15,7 @@ import tiktoken
 from Utils.chat_template import check_messages
 from Utils.errors import UserError
 
-# Llama-3 pre-tokenisation regex (SPEC §6.4).
+# Llama-3 pre-tokenisation regex (docs/moa.md §6.4).
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_RESERVED_SPECIAL_TOKENS = 256

@@ -1,4 +1,4 @@
-"""Dense → MoE upcycling (seed 002, MOE_SPEC §2): the seed's config keys mapped onto `MoEConfig`, where the experts
+"""Dense → MoE upcycling (seed 002): the seed's config keys mapped onto `MoEConfig`, where the experts
 go, and the closed-form parameter counts of the converted model (the dry run). The tensors themselves are
 `Models/upcycle_state.py`; the CLI is `upcycle.py`. Imports no Jittor.
 

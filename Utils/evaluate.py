@@ -1,4 +1,5 @@
-"""Answer extraction and scoring for the math and commonsense test sets (SPEC §8, decision D9 of §13)."""
+"""Answer extraction and scoring for the math and commonsense test sets (docs/moa.md §8, decision D9 in docs/moa.md
+§10)."""
 import math
 import os
 import re
@@ -7,7 +8,7 @@ NUMERIC_SETS = ("AddSub", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 MATH_SETS = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 COMMONSENSE_SETS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy",
                     "openbookqa")
-# Commonsense label patterns (SPEC §8.2): first match, case-sensitive.
+# Commonsense label patterns (docs/moa.md §8.2): first match, case-sensitive.
 _COMMONSENSE_PATTERNS = {
     "boolq": r"true|false",
     "piqa": r"solution1|solution2",

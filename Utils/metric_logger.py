@@ -1,6 +1,6 @@
-"""Training-progress meters in the reference's `util/misc.py` style (SPEC §5.6): SmoothedValue and MetricLogger.
+"""Training-progress meters in the reference's `util/misc.py` style (docs/moa.md §5.6): SmoothedValue and MetricLogger.
 
-Pure Python: values must already be Python numbers (call `.item()` on every rank first, JITTOR_NOTES A4), and
+Pure Python: values must already be Python numbers (call `.item()` on every rank first, docs/jittor_notes.md A4), and
 only the printing is restricted to the main process by the caller passing `enabled`.
 """
 import datetime

@@ -1,4 +1,4 @@
-"""Plots of router statistics and training curves (SPEC §9.1 heatmap, §9.2 per-token case and inter-expert std).
+"""Plots of router statistics and training curves (docs/moa.md §9.1 heatmap, §9.2 per-token case and inter-expert std).
 
     python -m Utils.plot type_weight --pkl out/AddSub_type_weight.pkl --out heat.png
     python -m Utils.plot token_weight --pkl out/AddSub_token_weight.pkl --example 0 --layer 1 --out tok.png
@@ -9,7 +9,7 @@
 draw the MoE-LLM demo's pictures (demo_moe.py).
 
 Each plotting function returns `(figure, axes, matrix)` where `matrix` is exactly the array drawn, so tests can
-check the rows/columns. The .pkl schemas are documented in Utils/routing_dump.py.
+check the rows/columns. The .pkl schemas are documented in Models/routing_dump.py.
 """
 import glob
 import os
@@ -126,7 +126,7 @@ def token_weight_matrix(d, example, layer):
 
 
 def inter_expert_std(d, ddof=0):
-    """SPEC §9.2: per token and layer the std over the expert/type weights (Γ column dropped), averaged over
+    """docs/moa.md §9.2: per token and layer the std over the expert/type weights (Γ column dropped), averaged over
     tokens, then layers, then examples. Rows never read by the model (NaN) are skipped."""
     per_example = []
     for e in d:
@@ -303,11 +303,13 @@ def plot_expert_load(load, out, title=None):
     balance). Returns (figure, axes, matrix)."""
     m, rows, cols = expert_load_matrix(load)
     title = title or "share of routed tokens per expert (balanced = 1/%d = %.3f)" % (len(cols), 1.0 / len(cols))
-    fig, ax = _heatmap(m, rows, cols, title, out, vmax=float(np.nanmax(m)))
+    vmax = float(np.nanmax(m))
+    fig, ax = _heatmap(m, rows, cols, title, out, vmax=vmax)
     for r in range(m.shape[0]):
         for c in range(m.shape[1]):
-            if np.isfinite(m[r, c]):
-                ax.text(c, r, "%.2f" % m[r, c], ha="center", va="center", fontsize=7, color="white")
+            if np.isfinite(m[r, c]):   # dark text on viridis' bright end, white on its dark end
+                ax.text(c, r, "%.2f" % m[r, c], ha="center", va="center", fontsize=7,
+                        color="black" if m[r, c] > 0.6 * vmax else "white")
     _save(fig, out)
     return fig, ax, m
 
@@ -328,7 +330,7 @@ def build_parser():
     s.add_argument("--logdir", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--tags", default=None, help="comma list of scalar tags (default: every tag with 'loss')")
-    s = sub.add_parser("std", help="inter-expert standard deviation of a token_weight dump (SPEC 9.2)")
+    s = sub.add_parser("std", help="inter-expert standard deviation of a token_weight dump (docs/moa.md §9.2)")
     s.add_argument("--pkl", required=True)
     s.add_argument("--ddof", type=int, default=0, help="0: population std (default); 1: sample std")
     return p

@@ -4,7 +4,7 @@ the grouped CPU expert kernel vs. its Jittor fall-back (per-expert slices after 
 
 The paths are switched through Models.kernel_config.KERNELS.grouped_experts (what MOA_GROUPED_EXPERTS=0 sets). A third
 record, "dense", runs every expert on every token (E/k times the expert FLOPs), the graph-static alternative
-JITTOR_NOTES A8 mentions. Backward = jt.grad of Σ y·R w.r.t. x, the expert weights and the router weight.
+docs/jittor_notes.md A8 mentions. Backward = jt.grad of Σ y·R w.r.t. x, the expert weights and the router weight.
 
 Records "moe_experts", one per path: path, tokens, d, experts, top_k, expert_hidden, rounds, fwd_ms / fwd_bwd_ms
 (median over --rounds alternating rounds of the median of --reps after --warmup), build_ms (Python time to build

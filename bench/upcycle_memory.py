@@ -70,7 +70,7 @@ def make_dense(out_dir, fmt, args, seed=0):
     from Models.hf_layout import layout
     from Models.param_count import param_shapes
     from Utils.checkpoint_io import Bf16Bits, LazyTensor, to_bf16_bits, write_safetensors, write_torch_pth
-    from Utils.tiny_checkpoint import hf_config
+    from Models.tiny_checkpoint import hf_config
     rng = np.random.default_rng(seed)
 
     def draw(shape):

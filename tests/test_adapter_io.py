@@ -1,4 +1,4 @@
-"""adapter.pth + adapter_params.json (SPEC §5.4–5.5, D11): bit-exact round trips for every variant, config round
+"""adapter.pth + adapter_params.json (docs/moa.md §5.4–5.5, D11): bit-exact round trips for every variant, config round
 trip, reference-style files, routing inference, strict key/shape checking, and interchange with real PyTorch."""
 import json
 import os
@@ -64,7 +64,7 @@ def test_save_load_bit_exact(jt, tmp_path, name):
     for k, v in fresh.adapter_state_dict().items():
         assert np.array_equal(v, ours[k]), k
     # a forward right after loading must work and give the saved model's outputs (a noisy router adds fresh
-    # N(0,1) noise on every forward, also at inference — SPEC §3.6 — so there only finiteness is checked)
+    # N(0,1) noise on every forward, also at inference — docs/moa.md §3.6 — so there only finiteness is checked)
     if model.args.noisy_router:
         assert np.isfinite(fresh.logits(TOKENS)).all()
     else:
@@ -221,7 +221,7 @@ def test_torch_saved_reference_file_loads(jt, tmp_path, name):
 
 # ------------------------------------------------------------------------------------------- the reference's sparse_moe
 # Module paths of the LoRA targets in the reference's blocks, and the reference's adapter_params.json for sparse_moe
-# (SPEC §5.4: the common keys plus noisy_router, top_k, adamole, lb_loss_coeff — no routing, no expert_num).
+# (docs/moa.md §5.4: the common keys plus noisy_router, top_k, adamole, lb_loss_coeff — no routing, no expert_num).
 TARGET_PATHS = {"Q": "attention.lora_Q", "K": "attention.lora_K", "V": "attention.lora_V", "O": "attention.lora_O",
                 "FFN_UP": "feed_forward.lora_UP", "FFN_DOWN": "feed_forward.lora_DOWN"}
 SPARSE_MOE = dict(TINY, lora_layers="0-2", lora_rank=4, lora_alpha=8, lora_targets="Q,K,V,O,FFN_UP,FFN_DOWN",
@@ -264,7 +264,7 @@ def official_params(args, adamole, noisy):
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A base checkpoint of TINY's shape with the real tokenizer (from_pretrained checks the vocabulary)."""
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     d = str(tmp_path_factory.mktemp("sparse_moe_base"))
     make_tiny_checkpoint(d, dim=TINY["dim"], n_layers=TINY["n_layers"], n_heads=TINY["n_heads"],
                          n_kv_heads=TINY["n_kv_heads"], multiple_of=TINY["multiple_of"])

@@ -1,4 +1,4 @@
-"""Checkpoint formats (SPEC §1, D11): .pth and safetensors round trips, torch as oracle, HF↔Meta, strict load."""
+"""Checkpoint formats (docs/moa.md §1, D11): .pth and safetensors round trips, torch as oracle, HF↔Meta, strict load."""
 import os
 import struct
 import zipfile
@@ -11,8 +11,8 @@ from Models.checkpoints import hf_from_meta, load_hf_checkpoint, load_meta_check
 from Utils.checkpoint_io import (Bf16Bits, bf16_bits_to_float32, read_safetensors, read_torch_pth, to_bf16_bits,
                                  write_safetensors, write_torch_pth)
 from Utils.errors import UserError
-from Utils.tiny_checkpoint import main as tiny_main
-from Utils.tiny_checkpoint import make_tiny_checkpoint
+from Models.tiny_checkpoint import main as tiny_main
+from Models.tiny_checkpoint import make_tiny_checkpoint
 
 RNG = np.random.default_rng(0)
 F32 = RNG.standard_normal((5, 8)).astype(np.float32)
@@ -227,7 +227,7 @@ def test_hf_layout_gives_same_attention_scores():
 
 
 def make_state(args):
-    from Utils.tiny_checkpoint import random_state
+    from Models.tiny_checkpoint import random_state
     return random_state(args, seed=1)
 
 

@@ -24,14 +24,15 @@ def _parsers():
     import demo
     import inference
     import Math
-    from Utils import plot, tiny_checkpoint
+    from Models import tiny_checkpoint
+    from Utils import plot
     return [
         ("Math.py", Math.build_parser, []),
         ("inference.py", inference.build_parser, ["--save_path", "out"]),
         ("demo.py", demo.build_demo_parser, []),
         ("demo.py generate", demo.build_generate_parser, []),
         ("Utils/plot.py type_weight", lambda: plot.build_parser(), ["type_weight", "--pkl", "a", "--out", "b"]),
-        ("Utils/tiny_checkpoint.py", tiny_checkpoint.build_parser, ["--out_dir", "x"]),
+        ("Models/tiny_checkpoint.py", tiny_checkpoint.build_parser, ["--out_dir", "x"]),
         ("bench/generate.py", lambda: _bench("generate").build_parser(), []),
         ("bench/train_step.py", lambda: _bench("train_step").build_parser(), []),
         ("bench/memory.py", lambda: _bench("memory").build_parser(), []),
@@ -78,7 +79,7 @@ def test_the_parsers_hold_the_boolean_flags_they_document():
     assert {"--dry_run", "--progress", "--w_bias", "--hydra_moe", "--p_adapter_hydra", "--const_threshold",
             "--noisy_router"} <= set(found["Math.py"])
     assert found["inference.py"] == ["--dump_type_weight", "--score_only", "--time_gen"]
-    assert found["Utils/tiny_checkpoint.py"] == ["--tokenizer", "--use_scaled_rope"]
+    assert found["Models/tiny_checkpoint.py"] == ["--tokenizer", "--use_scaled_rope"]
     assert {"--peer", "--count_compiles", "--no_machine", "--noisy_router"} <= set(found["bench/generate.py"])
     assert {"--peer", "--count_compiles", "--no_machine"} <= set(found["bench/train_step.py"])
 
@@ -109,7 +110,7 @@ def test_math_dry_run_bare_flag(tmp_path):
 
 
 def test_bad_boolean_on_the_command_line_is_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "Utils.tiny_checkpoint", "--out_dir", str(tmp_path / "c"),
+    res = subprocess.run([sys.executable, "-m", "Models.tiny_checkpoint", "--out_dir", str(tmp_path / "c"),
                           "--tokenizer", "maybe"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()

@@ -1,4 +1,4 @@
-"""Tests for SPEC §6 (prompts, records, encoding) and decisions D4, D5, D6."""
+"""Tests for docs/moa.md §6 (prompts, records, encoding) and decisions D4, D5, D6."""
 import glob
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests for SPEC §8 answer extraction and scoring (and the D9 AQuA option)."""
+"""Tests for docs/moa.md §8 answer extraction and scoring (and the D9 AQuA option)."""
 import glob
 import math
 import os

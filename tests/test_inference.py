@@ -30,7 +30,7 @@ def assets(tmp_path_factory, shared_data):
     jt = import_jittor()
     from Models.adapter_io import save_adapter
     from Models.llama_adapter import LLaMA_adapter
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     d = tmp_path_factory.mktemp("inference")
     ckpt, adapter = str(d / "ckpt"), str(d / "adapter")
     make_tiny_checkpoint(ckpt)

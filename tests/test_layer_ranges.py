@@ -13,7 +13,7 @@ FLAGS = ("lora_layers", "prompt_layers", "p_adapter_layers")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer Meta checkpoint with the real tokenizer, and a small training file."""
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     d = tmp_path_factory.mktemp("ranges")
     make_tiny_checkpoint(str(d / "ckpt"), dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     records = [{"instruction": "What is %d plus 1?" % a, "input": "", "output": "The answer is %d." % (a + 1),

@@ -16,7 +16,7 @@ from Models.checkpoints import load_meta_checkpoint, read_checkpoint
 from Utils.checkpoint_io import (Bf16Bits, LazyTensor, bf16_bits_to_float32, read_safetensors, read_torch_pth,
                                  to_bf16_bits, write_safetensors, write_torch_pth)
 from Utils.errors import UserError
-from Utils.tiny_checkpoint import make_tiny_checkpoint
+from Models.tiny_checkpoint import make_tiny_checkpoint
 
 RNG = np.random.default_rng(3)
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, tokenizer=False)

@@ -1,4 +1,4 @@
-"""Tests for the synthetic arithmetic generator (our own demo data in the SPEC §6.1 record format)."""
+"""Tests for the synthetic arithmetic generator (our own demo data in the docs/moa.md §6.1 record format)."""
 import json
 import re
 import subprocess
@@ -83,7 +83,7 @@ def test_cli_module_entry(tmp_path):
 
 
 def test_prompt_tokens_are_a_prefix_of_the_training_example(tokenizer):
-    """Training tokenises prompt + output as one string (SPEC §6.3, D6); for the generated data the prompt's
+    """Training tokenises prompt + output as one string (docs/moa.md §6.3, D6); for the generated data the prompt's
     tokens must come out unchanged, so a trained model sees at inference the same prompt end as in training."""
     from Dataset import encode_example, format_prompt
     for family in ("base", "task"):

@@ -183,7 +183,7 @@ def test_eval_train_keep_base_frozen(run):
 
 
 def test_eval_first_then_train_keeps_base_frozen(run):
-    """The Jittor trap (JITTOR_NOTES A2): eval() before anything, then train(), must not un-freeze the base."""
+    """The Jittor trap (docs/jittor_notes.md A2): eval() before anything, then train(), must not un-freeze the base."""
     model = build(run["name"], 3)
     model.eval()
     model.train()
@@ -257,7 +257,7 @@ def test_routing_labels_match_columns(run):
     UniPEFT: three family gates; every other variant: no type router and no columns at all."""
     from Models.moa import layer_types, type_labels
     from Models.variants import variant
-    from Utils.routing_dump import routing_labels
+    from Models.routing_dump import routing_labels
     model = run["model"]
     v = variant(model.args.routing)
     for layer_id, block in enumerate(model.llama.layers):

@@ -1,4 +1,5 @@
-"""Every adapter / routing formula of SPEC §2–§3 (and D1, D2) against an independent numpy computation that reads the
+"""Every adapter / routing formula of docs/moa.md §2–§3 (and D1, D2) against an independent numpy computation that reads
+the
 module's own weights; plus gradient-flow checks of the sparse-MoA threshold modes."""
 import math
 

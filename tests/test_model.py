@@ -28,7 +28,7 @@ def test_logits_match_huggingface_through_both_loaders(jt, tmp_path, scaled):
     if not HAS_ORACLE:
         pytest.fail("the torch + transformers oracle is not installed (pip install -r requirements-test.txt)")
     from Models import LLaMA_adapter
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     meta_dir, hf_dir = str(tmp_path / "meta"), str(tmp_path / "hf")
     kw = dict(TINY, use_scaled_rope=scaled, seed=3)
     make_tiny_checkpoint(meta_dir, fmt="meta", **kw)
@@ -63,7 +63,7 @@ def test_scaled_rope_frequencies_follow_llama31_rule():
 @pytest.fixture(scope="module")
 def tiny_model(jt, tmp_path_factory):
     from Models import LLaMA_adapter
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     d = str(tmp_path_factory.mktemp("ckpt"))
     make_tiny_checkpoint(d, fmt="meta", **dict(TINY, std=0.3), seed=1)
     return LLaMA_adapter.from_pretrained(d, max_seq_len=64)
@@ -142,7 +142,7 @@ def test_tokenizer_golden_values(tokenizer):
 
 # ----------------------------------------------------------------------------- loader errors
 def _meta_dir(tmp_path, **kw):
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     d = str(tmp_path / "m")
     make_tiny_checkpoint(d, fmt="meta", **dict(TINY, **kw))
     return d

@@ -1,6 +1,6 @@
 """The MoE core (Models/moe/) against independent numpy computations, invariants and HF's loss functions.
 
-MOE_SPEC §1(e) 4–5, §2(e) 3–7, §3(e) 3, §4(e) 2 and 8: routers, every selection mode, capacity, dispatch vs the
+The four MoE systems' shared parts (issues 15–18): routers, every selection mode, capacity, dispatch vs the
 dense reference (values and gradients), the grouped expert kernel vs its fall-back vs numpy, upcycling and
 MoEfication exactness, shared experts, the auxiliary losses' closed forms, padding exclusion, and HF parity.
 """
@@ -531,7 +531,7 @@ def test_aux_gradient_reaches_only_the_router_and_terms_follow_coefficients(jt, 
 
 
 def test_denormal_and_extreme_inputs_stay_finite(jt, moe):
-    """Flush-to-zero / fast math: every sqrt, log and division of the core is clamped first (JITTOR_NOTES)."""
+    """Flush-to-zero / fast math: every sqrt, log and division of the core is clamped first (docs/jittor_notes.md)."""
     tiny = np.full((4, 6), 1e-40, np.float32)                                            # float32 denormals
     cos = moe["m"].CosineRouter(6, 3, 4)
     assert np.isfinite(cos(jt.array(tiny)).numpy()).all()

@@ -123,7 +123,7 @@ def test_demo_finetune_two_ranks_equals_one_process(tmp_path):
     if shutil.which("mpirun") is None:
         pytest.fail("mpirun is not installed (run.sh installs openmpi-bin)")
     from Dataset.math_generator import generate_math_dataset
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     ckpt = str(tmp_path / "base")
     make_tiny_checkpoint(ckpt, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, seed=3)
     from collections import Counter

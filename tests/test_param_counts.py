@@ -1,4 +1,5 @@
-"""Trainable-parameter counts (SPEC §4): the closed forms of `count_trainable_params` against every number SPEC §4.3
+"""Trainable-parameter counts (docs/moa.md §4): the closed forms of `count_trainable_params` against every number
+docs/moa.md §4.3
 gives for LLaMA-3.1-8B, and against the element count of a really built (tiny) model for every variant; D12."""
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def count(**kw):
     return count_trainable_params(cfg(**kw))
 
 
-# (id, ModelArgs overrides, SPEC §4.3 number)
+# (id, ModelArgs overrides, docs/moa.md §4.3 number)
 TABLE_8B = [
     ("soft_moa_paper", dict(MOA, routing="soft_moa", swi_x=4), 24_520_288),
     ("soft_moa_swi0", dict(MOA, routing="soft_moa", swi_x=0), 18_089_696),

@@ -1,4 +1,4 @@
-"""Routing-dump accumulators (Utils/routing_dump.py) on hand-made routing records, and the Utils.plot figures/CLI."""
+"""Routing-dump accumulators (Models/routing_dump.py) on hand-made routing records, and the Utils.plot figures/CLI."""
 import os
 import pickle
 import subprocess
@@ -33,7 +33,7 @@ def _stacked(B, P, rng):
 
 
 def test_real_lengths_counts_read_positions():
-    from Utils.routing_dump import real_lengths
+    from Models.routing_dump import real_lengths
     # prompt 5, budget 4, no stop: positions 0..7 read (the 4th new token is never fed back) -> 8
     assert real_lengths([5], [[1, 2, 3, 4]], 4, 100).tolist() == [8]
     # stop token produced as the 3rd new token (cut from the output): read 5 + 3 - 1 = 7
@@ -45,7 +45,7 @@ def test_real_lengths_counts_read_positions():
 
 
 def test_type_weight_stats_mask_and_merge(args):
-    from Utils.routing_dump import TypeWeightStats
+    from Models.routing_dump import TypeWeightStats
     rng = np.random.default_rng(0)
     recs, P = _stacked(2, 6, rng)
     real = np.array([6, 4])
@@ -65,7 +65,7 @@ def test_type_weight_stats_mask_and_merge(args):
 
 
 def test_token_weight_entry_rows_match_words(args, tokenizer):
-    from Utils.routing_dump import TokenWeightDump
+    from Models.routing_dump import TokenWeightDump
     rng = np.random.default_rng(1)
     prompt, output = tokenizer.encode("Hello there", bos=True, eos=False), [11, 22, 33]
     T = len(prompt) + len(output)
@@ -82,7 +82,7 @@ def test_token_weight_entry_rows_match_words(args, tokenizer):
 
 @pytest.fixture(scope="module")
 def dumps(args, tokenizer, tmp_path_factory):
-    from Utils.routing_dump import TokenWeightDump, TypeWeightStats, save_pickle
+    from Models.routing_dump import TokenWeightDump, TypeWeightStats, save_pickle
     rng = np.random.default_rng(2)
     d = tmp_path_factory.mktemp("plots")
     st = TypeWeightStats(args)

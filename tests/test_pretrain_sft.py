@@ -102,7 +102,7 @@ def test_dry_run_of_the_wyf3_preset_gives_the_anchors_used_and_active_counts():
     r = run_cli("pretrain.py", ["--preset", "wyf3", "--dry_run"])
     assert r.returncode == 0, r.stderr[-2000:]
     counts = json.loads(r.stdout.strip().splitlines()[-1])
-    # MOE_SPEC §1(a): the anchor builds 135.4 M parameters of which 62.9 M are dead (every layer holds both an FFN
+    # seed 001: the anchor builds 135.4 M parameters of which 62.9 M are dead (every layer holds both an FFN
     # and an MoE); its used 72.5 M and ≈47.3 M active per token are exactly our closed form: 6,400×512 tied
     # embedding + 8 attention blocks + 4 dense SwiGLU FFNs + 4 MoE layers of 4 full-width experts and a biased
     # router (72,499,728), minus 2 unused experts in each of the 4 MoE layers for the active count.

@@ -85,7 +85,7 @@ def test_plot_cli_refuses_code(crafted, tmp_path):
 
 def test_math_resume_refuses_code(crafted, tmp_path):
     """A real run up to the point where it reads the --resume checkpoint (a tiny base and data are needed)."""
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     path, marker = crafted
     ckpt = str(tmp_path / "llama")
     make_tiny_checkpoint(ckpt, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)

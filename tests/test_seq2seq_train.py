@@ -147,7 +147,7 @@ def test_two_ranks_equal_one_process(setup):
 
 
 def test_overfits_a_reverse_task(jt, tmp_path):
-    """MOE_SPEC §3(e)6: d 64, 2+2 layers, 4 experts, ≥ 99% token accuracy on the memorised set."""
+    """Issue 18's memorisation check: d 64, 2+2 layers, 4 experts, ≥ 99% token accuracy on the memorised set."""
     from Dataset.seq2seq_data import Seq2SeqData, collate
     from engine.schedule import StepSchedule
     from engine.trainer import TrainConfig, Trainer

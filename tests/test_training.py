@@ -1,4 +1,4 @@
-"""Training loop (SPEC §5, decisions D3, D5, D7, D11): AdamW against a numpy oracle, data sharding, gradient
+"""Training loop (docs/moa.md §5, decisions D3, D5, D7, D11): AdamW against a numpy oracle, data sharding, gradient
 accumulation, 2-rank mpirun == 1 process, exact resumption after SIGKILL, crash-safe checkpoints, the output-dir
 lock, strict CLI flags and the analytic dry run."""
 import json
@@ -60,7 +60,7 @@ def _max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     base = tmp_path_factory.mktemp("train")
     ckpt = str(base / "ckpt")
     make_tiny_checkpoint(ckpt)
@@ -109,7 +109,7 @@ def test_adamw_matches_numpy_reference(jt):
     wd = 0.02
     groups = param_groups(named, wd)
     no_decay = {n for n, _ in groups[0]["named"]}
-    assert no_decay == {"layer.router.bias", "norm.weight"}          # 1-D or ".bias": no decay (SPEC §5.2)
+    assert no_decay == {"layer.router.bias", "norm.weight"}          # 1-D or ".bias": no decay (docs/moa.md §5.2)
     opt = AdamW(groups, lr=0.0)
     steps = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in init.items()} for _ in range(5)]
     lrs = [0.0, 1e-2, 3e-2, 2e-2, 5e-3]
@@ -369,9 +369,9 @@ def test_dry_run_counts_8b_soft_moa_without_weights(tmp_path, capsys):
                "--blr", "6e-3"] + SOFT_MOA_README)
     assert time.time() - t0 < 30                                         # analytic: no model, no weights
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["trainable_params"] == 24_520_288                        # SPEC §4.3
+    assert last["trainable_params"] == 24_520_288                        # docs/moa.md §4.3
     assert last["base_params"] == 8_030_261_248
-    assert last["lr"] == pytest.approx(7.5e-4) and last["eff_batch_size"] == 32    # SPEC §5.2 step 4
+    assert last["lr"] == pytest.approx(7.5e-4) and last["eff_batch_size"] == 32    # docs/moa.md §5.2 step 4
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -408,7 +408,7 @@ def test_strict_booleans():
     assert Math.parse_args(["--hydra_moe", "yes", "--w_bias", "0", "--noisy_router", "TRUE"]).hydra_moe is True
     args = Math.parse_args(["--w_bias", "no"])
     assert args.w_bias is False and args.warmup_epochs == 1.0
-    assert Math.parse_args(["--routing", "topk_moe"]).warmup_epochs == 40.0      # SPEC §5.1
+    assert Math.parse_args(["--routing", "topk_moe"]).warmup_epochs == 40.0      # docs/moa.md §5.1
 
 
 def test_gradientless_threshold_is_not_decayed(jt, tokenizer):

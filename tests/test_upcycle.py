@@ -1,4 +1,4 @@
-"""Dense → MoE upcycling (issue 16, MOE_SPEC §2(e)): the converted model equals the dense one, placement and counts
+"""Dense → MoE upcycling (issue 16): the converted model equals the dense one, placement and counts
 equal closed forms (LLaMA-2-7B included), the seed's aux losses have their closed forms, residual MoE and PMoE, the
 exported HF Mixtral / Qwen2-MoE give the same logits in transformers (torch in a subprocess; a missing torch FAILS),
 streaming keeps peak RSS far below the checkpoint, and bad inputs are one-line errors naming the file or field.
@@ -198,7 +198,7 @@ def test_seed_aux_losses_closed_forms(jt):
     assert abs(terms["aux_switch"].item() - 1.0) <= 1e-5                               # balance: 1
     zero = aux_loss_terms(_sels(np.zeros((N, E)), sw), sw)
     total = sum(sw.aux_weights()[k] * v.item() for k, v in zero.items())
-    assert abs(total - 0.3 * (1 + 0.1 * math.log(E) ** 2)) <= 1e-6                     # MOE_SPEC 2(e)5
+    assert abs(total - 0.3 * (1 + 0.1 * math.log(E) ** 2)) <= 1e-6                     # issue 16
     z = 3.0 * rng.standard_normal((N, E))
     lse = np.log(np.exp(z).sum(1))
     got = aux_loss_terms(_sels(z, sw), sw)["aux_z"].item()
@@ -252,7 +252,7 @@ def test_streaming_peak_rss_is_far_below_the_checkpoint(tmp_path):
     src, out = str(tmp_path / "big"), str(tmp_path / "big_moe")
     gen = textwrap.dedent("""
         import sys; sys.path.insert(0, %r)
-        from Utils.tiny_checkpoint import make_tiny_checkpoint
+        from Models.tiny_checkpoint import make_tiny_checkpoint
         make_tiny_checkpoint(%r, "meta", dim=768, n_layers=8, n_heads=12, n_kv_heads=4, vocab_size=8000,
                              multiple_of=256, tokenizer=False)
     """ % (ROOT, src))

@@ -99,7 +99,7 @@ def _spread(model, layer):
 
 
 def test_copies_stay_equal_or_move_apart(dense, tmp_path, jt):
-    """MOE_SPEC 2(e)8. Experts trained (router frozen) for 4 AdamW steps: zero noise, k = E and a uniform router —
+    """Issue 16: experts trained (router frozen) for 4 AdamW steps: zero noise, k = E and a uniform router —
     every copy gets the same gradient and stays bit-identical; noise, or a non-uniform router (k < E, or k = E with
     unequal weights), gives them different gradients and they move apart."""
     experts_only = lambda name: ".feed_forward.experts." in name

@@ -15,7 +15,7 @@ DENSE = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=6400, multi
 
 def make_dense(path, fmt="meta", seed=0, **kw):
     """A random dense LLaMA (Meta or HF files) with minimind's tokenizer.json; returns its {Meta name: array}."""
-    from Utils.tiny_checkpoint import make_tiny_checkpoint
+    from Models.tiny_checkpoint import make_tiny_checkpoint
     state = make_tiny_checkpoint(path, fmt, seed=seed, tokenizer=False, **dict(DENSE, **kw))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(MINIMIND, f), os.path.join(path, f))

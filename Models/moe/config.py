@@ -1,7 +1,8 @@
 """`MoEConfig`: every knob of the MoE core (which layers, experts, router, selection, capacity, auxiliary losses).
 
 Typed and validated like `ModelArgs`: unknown keys and bad values are one-line `UserError`s naming the field. It
-imports nothing from Jittor, so configuration code and dry runs stay instant. Each system of MOE_SPEC is one
+imports nothing from Jittor, so configuration code and dry runs stay instant. Each MoE system (docs/architecture.md) is
+one
 configuration away:
 
 * HF Mixtral: router "linear", scoring "softmax_topk", norm_topk_prob True, aux_switch (form "mixtral").

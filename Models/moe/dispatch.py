@@ -4,7 +4,7 @@
 the end), gathers the token rows once into expert-contiguous blocks, runs the experts on their blocks, and brings
 the rows back to assignment order with the inverse permutation, where the k weighted rows of each token are summed.
 Because every assignment row has exactly one destination, the way back is a gather (its gradient is Jittor's
-reindex-reduce), not a scatter with duplicate indices (`scatter_(reduce="add")` fails on CUDA, JITTOR_NOTES A9).
+reindex-reduce), not a scatter with duplicate indices (`scatter_(reduce="add")` fails on CUDA, docs/jittor_notes.md A9).
 
 Two ways to run the experts:
 * a grouped object with `forward_sorted(x_sorted, offsets)` (`Experts`): offsets [E+1] stay a lazy Var, so the

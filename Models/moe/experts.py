@@ -170,7 +170,7 @@ class _GroupedFFN(jt.Function):
         src = _FWD % dict(_FWD_GATED if gated else _FWD_PLAIN, ro="in%d" % n_in, wo="in%d" % (n_in + 1))
         outs = jt.code([x.shape, (M, f_max)] + ([(M, f_max)] if gated else []), ["float32"] * (3 if gated else 2),
                        [x] + ws + [row_offsets, weight_offsets], cpu_header=_header(act), cpu_src=src)
-        # underscore: no public jt.Var attributes (JITTOR_NOTES A1)
+        # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         self._saved = (x, ws, list(outs[1:]), row_offsets, weight_offsets, act, need_dw)
         return outs[0]
 

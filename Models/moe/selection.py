@@ -1,6 +1,6 @@
 """Expert selection of the MoE core: router logits [N, E] → which k experts each token uses and with what weight.
 
-`select()` implements every mode of MOE_SPEC §0.1/§5 in float32 with static shapes (no host sync):
+`select()` implements every selection mode of the four MoE systems in float32 with static shapes (no host sync):
 
 * scoring "softmax_topk": p = softmax(z), keep the top-k of p, optionally renormalised to sum 1 (HF Mixtral,
   Qwen2-MoE with norm_topk_prob False, Switch with k = 1, ModuleFormer without renormalisation);

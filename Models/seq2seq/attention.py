@@ -4,7 +4,7 @@ T5 relative position buckets), the decoder's KV cache, and the sinusoidal positi
 Shapes: x [B, T, d]; q/k/v are kept as [B·H, T, hd] so both GEMMs go through `Models.kernels.batched_matmul`
 (oneDNN on CPU). A bias is any Var broadcastable to [B, H, T, S] (fp32, large negative where masked), built once
 per stack and shared by its layers. Cross-attention K/V are computed once per source (`kv_cache` "cross"), the
-self-attention cache grows by concatenation (no recompilation as it grows, JITTOR_NOTES A7).
+self-attention cache grows by concatenation (no recompilation as it grows, docs/jittor_notes.md A7).
 """
 import math
 

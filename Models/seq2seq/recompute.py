@@ -48,7 +48,7 @@ def _is_float(v):
 
 class _Recompute(jt.Function):
     def __init__(self, fn, n_inputs, params):
-        self._fn, self._n, self._params = fn, n_inputs, params   # underscores: no jt.Var attributes (JITTOR_NOTES A1)
+        self._fn, self._n, self._params = fn, n_inputs, params   # not jt.Var attributes: jittor_notes A1
         self._saved = None
 
     def execute(self, *args):

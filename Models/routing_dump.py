@@ -1,4 +1,4 @@
-"""Router statistics and per-token case dumps (SPEC §9.1, §9.2, D10): `type_weight.pkl` and `token_weight.pkl`.
+"""Router statistics and per-token case dumps (docs/moa.md §9.1, §9.2, D10): `type_weight.pkl` and `token_weight.pkl`.
 
 `RoutingCollector` is the `on_step` hook of one `model.generate` call: after every forward (prefill chunk, then one
 token per step) it keeps `get_routing_records(model)`. When the call returns, the accumulators turn those records
@@ -33,8 +33,8 @@ token_weight.pkl (`TokenWeightDump`, reference `router_case.pth`): a list with o
      "words": [str, ...],                              # decoded token of prompt + generation, cut at first stop
      "experts": {layer: {module path: np.float32[T_total, E]}}}
 
-    Row t holds the routing computed while the model read token t, and len(words) == T_total always (fix of
-    §11.13): the examples are generated one at a time with one extra decoding step, so the last generated token is
+    Row t holds the routing computed while the model read token t, and len(words) == T_total always (fix of docs/moa.md
+    §10 quirk 13): the examples are generated one at a time with one extra decoding step, so the last generated token is
     also read once; only when max_seq_len left no room for that step is its row NaN.
 """
 import copy

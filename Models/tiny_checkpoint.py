@@ -1,4 +1,4 @@
-"""Tiny random LLaMA-3 checkpoints (SPEC §1 layout) in Meta or Hugging Face format, for tests and smoke runs.
+"""Tiny random LLaMA-3 checkpoints (docs/moa.md §1 layout) in Meta or Hugging Face format, for tests and smoke runs.
 
 Both formats hold the same weights: the Meta state is drawn once and the HF files are derived from it by
 `hf_from_meta`, so a loader that round-trips either format must give back exactly the returned state.
