@@ -67,6 +67,7 @@ PRESETS = {
     "moa": dict(routing="soft_moa", lora_layers=ALL, lora_targets=QKVOD, lora_rank=8, prompt_layers=ALL,
                 prompt_len=10, p_adapter_layers=ALL, p_adapter_size=16, swi_x=4),
 }
+PRESETS["sparse_moa"] = dict(PRESETS["moa"], routing="sparse_moa")   # the moa adapters, learned threshold Γ
 LAYER_FLAGS = ("lora_layers", "prompt_layers", "p_adapter_layers")
 ADAPTER_HELP = {
     "routing": "adapter variant: %s" % " | ".join(ROUTINGS),
@@ -162,7 +163,8 @@ def add_model_flags(p, renames=None):
     g = p.add_argument_group("adapters (Math.py's flags and types; value: explicit flag, else --preset, else "
                              "Math.py's default)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="lora: %s; moa: %s ('all' = every layer)" % (_preset_text("lora"), _preset_text("moa")))
+                   help="lora: %s; moa: %s ('all' = every layer); sparse_moa: moa's with routing=sparse_moa"
+                   % (_preset_text("lora"), _preset_text("moa")))
     math_actions = {a.dest: a for a in _adapter_parser()._actions}
     for name in ADAPTER_FLAGS:
         a = math_actions[name]
