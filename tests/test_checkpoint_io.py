@@ -11,6 +11,7 @@ from Models.checkpoints import hf_from_meta, load_hf_checkpoint, load_meta_check
 from Utils.checkpoint_io import (Bf16Bits, bf16_bits_to_float32, read_safetensors, read_torch_pth, to_bf16_bits,
                                  write_safetensors, write_torch_pth)
 from Utils.errors import UserError
+from conftest import require
 from Models.tiny_checkpoint import main as tiny_main
 from Models.tiny_checkpoint import make_tiny_checkpoint
 
@@ -97,7 +98,7 @@ def test_truncated_or_foreign_pth_is_a_user_error(tmp_path):
 
 
 def test_torch_oracle(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     ours = str(tmp_path / "ours.pth")
     write_torch_pth(ours, _sample_state())
     t = torch.load(ours, weights_only=True)  # the safe loader accepts exactly the globals we emit
@@ -133,7 +134,7 @@ def test_safetensors_round_trip(tmp_path):
 
 
 def test_safetensors_oracle(tmp_path):
-    st = pytest.importorskip("safetensors.numpy")
+    st = require("safetensors.numpy")
     path = str(tmp_path / "m.safetensors")
     write_safetensors(path, {"w": F32, "h": F16}, dtype=None)
     back = st.load_file(path)
@@ -146,8 +147,8 @@ def test_safetensors_oracle(tmp_path):
 
 
 def test_safetensors_bf16_torch_oracle(tmp_path):
-    torch = pytest.importorskip("torch")
-    st = pytest.importorskip("safetensors.torch")
+    torch = require("torch")
+    st = require("safetensors.torch")
     path = str(tmp_path / "m.safetensors")
     write_safetensors(path, {"w": F32}, dtype="bfloat16")
     assert torch.equal(st.load_file(path)["w"], torch.from_numpy(F32).bfloat16())
@@ -188,7 +189,7 @@ def test_hf_permutation_is_inverted_exactly():
 
 
 def test_hf_permutation_matches_transformers_convert_script():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     args = _args()
     w = RNG.standard_normal((args.n_kv_heads * args.head_dim, args.dim)).astype(np.float32)
     t = torch.from_numpy(w)  # transformers' convert_llama_weights_to_hf.permute, written out here as the oracle
