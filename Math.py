@@ -50,8 +50,6 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     check_training_flags(args)
-    if not 0.0 <= args.val_split < 1.0:
-        raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
     args.chat_template_kwargs = parse_template_kwargs(args.chat_template_kwargs)
     if args.chat_template_kwargs and args.prompt_template != "chat":
         raise UserError("--chat_template_kwargs needs --prompt_template chat")

@@ -59,8 +59,6 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     check_training_flags(args)
-    if not 0.0 <= args.val_split < 1.0:
-        raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
     if not 0.0 <= args.label_smoothing < 1.0:
         raise UserError("--label_smoothing must be in [0, 1), got %g" % args.label_smoothing)
     if args.clip_grad < 0 or args.warmup_steps < 0 or args.val_generate < 0:

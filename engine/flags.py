@@ -70,3 +70,5 @@ def check_training_flags(args):
             raise UserError("--%s must be >= 0, got %d" % (name, getattr(args, name)))
     if args.lr is not None and not args.lr >= 0:
         raise UserError("--lr must be >= 0, got %g" % args.lr)
+    if not 0.0 <= getattr(args, "val_split", 0.0) < 1.0:   # every front end that holds out a validation part
+        raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
