@@ -54,27 +54,32 @@ def mean_loss(model, batches, reduce=None):
 
 
 def sweep(moe_model, batches_fn, info, dense_loss, methods=METHODS, fractions=FRACTIONS, reduce=None, seed=0,
-          log=None):
-    """[{method, k, fraction, loss, ppl, retained, seconds}] over methods × k of the converted model."""
+          log=None, progress=False):
+    """[{method, k, fraction, loss, ppl, retained, seconds}] over methods × k of the converted model (a progress
+    bar over the evaluations when `progress`)."""
+    from tqdm import tqdm
     transformer = moe_model.llama
     layers = transformer.moe_layers()
     if not layers:
         raise UserError("evaluate: the converted checkpoint has no MoE layers")
     E = layers[0][1].n_experts
     rows, cache = [], {}
-    for method in methods:
-        for frac, k in ks_for(E, fractions):
-            jt.set_global_seed(seed)   # the random selector draws the same choices on every run
-            t0 = time.time()
-            with use_selection(transformer, method, k, info, cache):
-                loss, _ = mean_loss(moe_model, batches_fn(), reduce)
-            row = {"method": method, "k": k, "num_experts": E, "fraction": frac, "loss": loss,
-                   "ppl": math.exp(min(loss, 50.0)), "retained": math.exp(min(dense_loss - loss, 50.0)),
-                   "seconds": time.time() - t0}
-            rows.append(row)
-            if log is not None:
-                log("evaluate: %-12s k=%d/%d (%5.1f%%): loss %.4f ppl %.2f retained %.3f"
-                    % (method, k, E, 100 * frac, loss, row["ppl"], row["retained"]))
+    runs = [(m, frac, k) for m in methods for frac, k in ks_for(E, fractions)]
+    bar = tqdm(total=len(runs), desc="evaluate", disable=not progress, unit="run", dynamic_ncols=True)
+    for method, frac, k in runs:
+        jt.set_global_seed(seed)   # the random selector draws the same choices on every run
+        t0 = time.time()
+        with use_selection(transformer, method, k, info, cache):
+            loss, _ = mean_loss(moe_model, batches_fn(), reduce)
+        row = {"method": method, "k": k, "num_experts": E, "fraction": frac, "loss": loss,
+               "ppl": math.exp(min(loss, 50.0)), "retained": math.exp(min(dense_loss - loss, 50.0)),
+               "seconds": time.time() - t0}
+        rows.append(row)
+        bar.update(1)
+        if log is not None:
+            log("evaluate: %-12s k=%d/%d (%5.1f%%): loss %.4f ppl %.2f retained %.3f"
+                % (method, k, E, 100 * frac, loss, row["ppl"], row["retained"]))
+    bar.close()
     return rows
 
 

@@ -90,10 +90,11 @@ def _metrics(z, scores, mass, k):
 
 def train_gate(x, h, labels, num_experts, k, template, make_optimizer, criterion="l2_norm", loss="bce_topk",
                l2_threshold=None, epochs=20, batch_size=1024, lr=0.01, val_fraction=0.05, seed=0, init="centroid",
-               log=None):
+               log=None, progress=None):
     """Train one layer's router on features x [N, d], activations h [N, d_ff] and split labels; init "centroid"
     (normalised centroids, identity) or "random" (the Linear default, for comparison).
 
+    `progress` names a progress bar over the epochs (None: no bar).
     Returns (weights {"w1": [E, d], "w2": [E, E]} float32 of the best epoch, metrics dict)."""
     if criterion not in CRITERIA:
         raise UserError("--criterion: expected one of %s, got %r" % ("/".join(CRITERIA), criterion))
@@ -135,7 +136,9 @@ def train_gate(x, h, labels, num_experts, k, template, make_optimizer, criterion
     rng = np.random.default_rng(seed + 1)
     steps = max(1, math.ceil(train.size / batch_size))
     history = []
-    for epoch in range(1, epochs + 1):
+    from tqdm import tqdm
+    bar = tqdm(range(1, epochs + 1), desc=progress, disable=progress is None, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
         perm = train[rng.permutation(train.size)]
         total = 0.0
         for s in range(steps):
@@ -149,11 +152,13 @@ def train_gate(x, h, labels, num_experts, k, template, make_optimizer, criterion
             total += value.item()
         recall = recall_at_k(scores[val], router_logits(router, x[val]), k)
         history.append({"epoch": epoch, "train_loss": total / steps, "val_recall": recall})
+        bar.set_postfix(loss="%.4f" % (total / steps), recall="%.3f" % recall)
         if log is not None:
             log("epoch %d: loss %.4f, val recall@%d %.3f" % (epoch, total / steps, k, recall))
         if recall > best["recall"]:
             best = {"recall": recall, "epoch": epoch,
                     "weights": {"w1": router.w1.weight.numpy().copy(), "w2": router.w2.weight.numpy().copy()}}
+    bar.close()
     router.w1.weight.update(jt.array(best["weights"]["w1"]))
     router.w2.weight.update(jt.array(best["weights"]["w2"]))
     m = _metrics(router_logits(router, x[val]), scores[val], mass[val], k)
@@ -168,7 +173,7 @@ def train_gate(x, h, labels, num_experts, k, template, make_optimizer, criterion
 
 def run_gate(args, state, work_dir, num_selects, make_optimizer, criterion="l2_norm", loss="bce_topk",
              l2_threshold=None, epochs=20, batch_size=1024, lr=0.01, val_fraction=0.05, max_tokens=None, seed=0,
-             rank=0, world=1, gather=None, log=print):
+             rank=0, world=1, gather=None, log=print, progress=False):
     """Train the routers of every split layer on its features (ranks share the layers; rank 0 writes
     gate/layer_XXX.npz and gate/gate.json). Returns {layer: metrics}."""
     from Models.moefication.collect import load_feature_meta, load_features
@@ -192,7 +197,8 @@ def run_gate(args, state, work_dir, num_selects, make_optimizer, criterion="l2_n
         w1, w3, _ = ffn_weights(state, i)
         template = w1 if split_meta["template"] == "gate" else w3
         weights, metrics = train_gate(x, h, labels[i], E, num_selects, template, make_optimizer, criterion, loss,
-                                      l2_threshold, epochs, batch_size, lr, val_fraction, seed + i)
+                                      l2_threshold, epochs, batch_size, lr, val_fraction, seed + i,
+                                      progress="gate layer %d" % i if progress else None)
         log("gate: layer %d: recall@%d %.3f (centroid init %.3f, random init %.3f), coverage %.3f of %.3f (oracle)"
             % (i, num_selects, metrics["val_recall"], metrics["centroid_init_recall"],
                metrics["random_init_recall"], metrics["val_coverage"], metrics["oracle_coverage"]))

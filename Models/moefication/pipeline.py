@@ -109,7 +109,7 @@ def run_gate(o, ctx):
     t0 = time.time()
     train_all(args, state, o.work_dir, o.num_selects, lambda named, lr: ctx.make_optimizer(named, lr, o.weight_decay),
               o.criterion, o.loss, o.l2_threshold, o.epochs, o.gate_batch_size, o.lr, o.val_fraction, o.gate_tokens,
-              o.seed, ctx.rank, ctx.world, dist.gather_objects, ctx.log)
+              o.seed, ctx.rank, ctx.world, dist.gather_objects, ctx.log, progress=o.progress and ctx.main)
     dist.barrier()
     ctx.log("gate: %s (%.1fs)" % (stages.stage_json(o.work_dir, "gate"), time.time() - t0))
 
@@ -145,7 +145,8 @@ def run_evaluate(o, ctx):
     ctx.log("evaluate: dense model: loss %.4f (%d tokens)" % (dense_loss, tokens))
     del dense
     moe = _load_model(converted, o.tokenizer)
-    rows = sweep(moe, batches, info, dense_loss, methods, fractions, dist.all_reduce_sum, o.seed, ctx.log)
+    rows = sweep(moe, batches, info, dense_loss, methods, fractions, dist.all_reduce_sum, o.seed, ctx.log,
+                 progress=o.progress and ctx.main)
     result = {"dense": {"loss": dense_loss, "ppl": _exp(dense_loss), "tokens": tokens}, "rows": rows,
               "retained": summary_table(rows), "converted": os.path.abspath(converted),
               "gate": (info.get("gate") or {}).get("metrics"), "activations": _activation_stats(o.work_dir),
