@@ -15,10 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
-ENV.pop("MOA_TEST_CRASH_AFTER_CKPT_TMP", None)
+from conftest import ENV, PY, ROOT, last_trainable, max_diff, run_script, train_log
 
 # A tiny Soft MoA: every adapter type (LoRA on 5 targets, prompt, parallel adapter) and a SwiGLU type router.
 ADAPTER_FLAGS = ["--lora_layers", "0-2", "--lora_rank", "4", "--lora_targets", "Q,K,V,O,FFN_DOWN",
@@ -35,27 +32,10 @@ def _records(n):
 
 def _math(args, cwd=ROOT, np_=1, timeout=300, output=None):
     """Run Math.py to completion; with `output` (a file object) start it in the background instead."""
-    cmd = [PY, os.path.join(ROOT, "Math.py")] + [str(a) for a in args]
-    if np_ > 1:
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_)] + cmd
-    if output is not None:
-        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=output, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_script("Math.py", args, np_=np_, timeout=timeout, output=output, cwd=cwd)
 
 
-def _log(out_dir, kinds=("train", "val", "epoch")):
-    with open(os.path.join(out_dir, "log.txt")) as f:
-        return [r for r in (json.loads(line) for line in f) if r["kind"] in kinds]
-
-
-def _last_adapters(out_dir):
-    from Utils.train_checkpoint import load_train_checkpoint  # real checkpoints pass the restricted unpickler
-    return load_train_checkpoint(os.path.join(out_dir, "checkpoint-last.pkl"))["trainable"]
-
-
-def _max_diff(a, b):
-    assert sorted(a) == sorted(b)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+_log, _last_adapters, _max_diff = train_log, last_trainable, max_diff
 
 
 @pytest.fixture(scope="module")
