@@ -4,6 +4,7 @@
 #   bash run.sh test   set up, then run the test suite
 #   bash run.sh moe    set up, then the MoE-LLM demo (demo_moe.py: tokenizer, MoE vs dense pretraining, SFT)
 #   bash run.sh upcycle  set up, then the Dense2MoE demo (demo_upcycle.py: dense LLaMA -> upcycled MoE, trained on)
+#   bash run.sh seq2seq  set up, then the encoder-decoder MoE demo (demo_seq2seq.py: BPE tokenizer, MoE vs dense)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -44,5 +45,5 @@ case "$MODE" in
   moe) exec .venv/bin/python demo_moe.py "$@" ;;
   upcycle) exec .venv/bin/python demo_upcycle.py "$@" ;;
   seq2seq) exec .venv/bin/python demo_seq2seq.py "$@" ;;
-  *) echo "usage: bash run.sh [test|moe|upcycle] [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh [test|moe|upcycle|seq2seq] [args...]" >&2; exit 2 ;;
 esac
