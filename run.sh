@@ -5,6 +5,7 @@
 #   bash run.sh moe    set up, then the MoE-LLM demo (demo_moe.py: tokenizer, MoE vs dense pretraining, SFT)
 #   bash run.sh upcycle  set up, then the Dense2MoE demo (demo_upcycle.py: dense LLaMA -> upcycled MoE, trained on)
 #   bash run.sh seq2seq  set up, then the encoder-decoder MoE demo (demo_seq2seq.py: BPE tokenizer, MoE vs dense)
+#   bash run.sh moefy  set up, then the MoEfication demo (moefy_demo.py: dense FFN neurons -> experts + routers)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -45,5 +46,6 @@ case "$MODE" in
   moe) exec .venv/bin/python demo_moe.py "$@" ;;
   upcycle) exec .venv/bin/python demo_upcycle.py "$@" ;;
   seq2seq) exec .venv/bin/python demo_seq2seq.py "$@" ;;
-  *) echo "usage: bash run.sh [test|moe|upcycle|seq2seq] [args...]" >&2; exit 2 ;;
+  moefy) exec .venv/bin/python moefy_demo.py "$@" ;;
+  *) echo "usage: bash run.sh [test|moe|upcycle|seq2seq|moefy] [args...]" >&2; exit 2 ;;
 esac
