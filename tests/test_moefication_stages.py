@@ -187,7 +187,8 @@ def test_moefy_all_on_meta_and_hf_checkpoints(assets, tmp_path, fmt, shape):
     A.write_dense(model_dir, assets["tok"], fmt, shape)
     moefy.main(["all", "--model", model_dir, "--work_dir", work, "--data", assets["train"], "--eval_data",
                 assets["val"], "--num_experts", "8", "--num_selects", "2", "--method", "kmeans", "--seq_len", "32",
-                "--max_tokens", "4000", "--epochs", "2", "--max_eval_rows", "8", "--progress", "false"])
+                "--max_tokens", "4000", "--epochs", "2", "--max_eval_rows", "8", "--fractions", "0.25,1",
+                "--progress", "false"])
     conv = os.path.join(work, "converted")
     model = _load(conv)
     with np.load(os.path.join(work, "gate", "layer_001.npz")) as g:
