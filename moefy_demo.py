@@ -205,7 +205,8 @@ def main(argv=None):
     log("[6/6] picture and table")
     from Utils.moefy_plot import plot_moefication
     picture = os.path.join(o.out_dir, "moefy_retained.png")
-    label = ", ".join("B=%d %.1fx" % (r["rows"], r["ratio"]) for r in speed) if speed else None
+    label = ("k/E=%d/%d, FFN %dx%d\n" % (o.num_selects, o.num_experts, speed[0]["d"], speed[0]["d_ff"])
+             + ", ".join("B=%d %.1fx" % (r["rows"], r["ratio"]) for r in speed)) if speed else None
     plot_moefication(results, picture, speedup=label,
                      title="MoEfication of two tiny LLaMA-shaped models (%d experts per FFN, held-out docstrings)"
                            % o.num_experts)

@@ -58,7 +58,7 @@ def plot_moefication(results, out, speedup=None, title=None):
         ticks = sorted({x for xs, _ in drawn[name].values() for x in xs})
         ax.set_xticks(ticks)
         ax.set_xticklabels(["%g" % t for t in ticks])
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, max([105.0] + [y + 3.0 for _, ys in drawn[name].values() for y in ys]))
         ax.axhline(95, color="k", lw=0.6, ls=":")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
@@ -67,12 +67,13 @@ def plot_moefication(results, out, speedup=None, title=None):
         layers, rec = recalls(res)
         if layers:
             ax.plot(layers, rec, marker="o", label=name)
+            ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("router top-k recall (held-out tokens)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("router recall" + ("; FFN speed-up at k/E=25%%: %s" % speedup if speedup else ""), fontsize=10)
+    ax.set_title("router recall" + ("\nFFN speed-up vs dense: %s" % speedup if speedup else ""), fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
