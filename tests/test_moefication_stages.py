@@ -263,3 +263,39 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(assets, tmp_path, capsys
     moefy.main(["gate"] + common + ["--epochs", "1", "--num_selects", "2"])
     moefy.main(["split"] + common + ["--num_experts", "8", "--seed", "2"])
     assert os.path.join(w, "gate", "gate.json") in _error(capsys, ["convert"] + common)
+
+
+def test_every_moefy_boolean_flag_takes_both_forms_and_bad_values_are_one_line():
+    """moefy.py's subcommands and the demo keep the project's flag form (Utils/cli.py): no store_true switches."""
+    import argparse
+    import moefy
+    import moefy_demo
+    from Utils.cli import is_bool_action
+    from Utils.errors import UserError
+    base = ["--model", "m", "--work_dir", "w"]
+    need = {"split": base, "gate": base, "convert": base, "features": base + ["--data", "d"],
+            "evaluate": base + ["--data", "d"], "all": base + ["--data", "d", "--eval_data", "e"]}
+    parser = moefy.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    seen = set()
+    for stage, extra in need.items():
+        for action in sub.choices[stage]._actions:
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                raise AssertionError("%s %s is a switch" % (stage, action.option_strings[0]))
+            if not is_bool_action(action):
+                continue
+            flag, dest = action.option_strings[0], action.dest
+            seen.add((stage, flag))
+            assert getattr(parser.parse_args([stage] + extra + [flag]), dest) is True
+            for word, value in (("true", True), ("false", False), ("1", True), ("0", False), ("no", False)):
+                assert getattr(parser.parse_args([stage] + extra + [flag, word]), dest) is value, (stage, flag)
+            with pytest.raises(UserError, match=flag):
+                parser.parse_args([stage] + extra + [flag, "maybe"])
+    assert {("split", "--progress"), ("features", "--overwrite"), ("convert", "--use_gate"),
+            ("all", "--use_gate"), ("all", "--overwrite")} <= seen
+    with pytest.raises(UserError, match="--num_experts"):
+        parser.parse_args(["split"] + base + ["--num_experts", "many"])
+    demo = moefy_demo.build_parser()
+    assert not [a for a in demo._actions if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))]
+    with pytest.raises(UserError, match="--steps"):
+        demo.parse_args(["--steps", "x"])
