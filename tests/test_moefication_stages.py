@@ -208,8 +208,9 @@ def test_features_under_mpirun_share_the_rows(assets, tmp_path):
     extra = ["--max_tokens", "1000000", "--batch_size", "4"]        # the whole file: both runs store every row
     import moefy
     moefy.main(_features_cmd(assets, one, extra, "val")[2:])        # one process: this one
+    # one OpenMP thread per rank: two ranks of two spinning threads each on a 2-core machine wait on each other
     r = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"] + _features_cmd(
-        assets, two, extra, "val"), env=ENV, capture_output=True, text=True, timeout=900)
+        assets, two, extra, "val"), env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(two, "features", "features.json")) as f:
         rows = json.load(f)["rows"]["0"]
