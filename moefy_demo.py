@@ -178,6 +178,14 @@ def main(argv=None):
     o = build_parser().parse_args(argv)
     if o.dim % 4 or o.num_selects > o.num_experts:
         raise UserError("--dim must be a multiple of 4 heads and --num_selects <= --num_experts")
+    if o.bench_shape:
+        try:
+            d, f = (int(v) for v in o.bench_shape.split(","))
+        except ValueError:
+            d = f = 0
+        if d < 1 or f < 1 or f % o.num_experts:
+            raise UserError("--bench_shape: expected 'dim,d_ff' with d_ff a multiple of --num_experts %d, got %r"
+                            % (o.num_experts, o.bench_shape))
     t_start = time.time()
     logs = os.path.join(o.out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -212,7 +220,9 @@ def main(argv=None):
                            % o.num_experts)
     if o.img_dir:
         os.makedirs(o.img_dir, exist_ok=True)
-        shutil.copyfile(picture, os.path.join(o.img_dir, "moefy_retained.png"))
+        dst = os.path.join(o.img_dir, "moefy_retained.png")
+        shutil.copyfile(picture, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
     summary = {"results": results, "speed": speed, "minutes": (time.time() - t_start) / 60, "args": vars(o)}
     write_json(os.path.join(o.out_dir, "summary.json"), summary)
     log("")
