@@ -12,6 +12,7 @@ the gradients equal those of the plain forward (tests/test_seq2seq.py checks it 
 """
 import contextlib
 
+from Models.kernel_config import override
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -54,7 +55,9 @@ class _Recompute(jt.Function):
     def execute(self, *args):
         inputs = args[:self._n]
         tape = []
-        with jt.no_grad(), _random_tape(tape, replay=False):
+        # the decode-time few-rows kernels key on no_grad; this no_grad pass is training, and its values must be the
+        # recomputation's (oneDNN) bit for bit, so they stay off here
+        with jt.no_grad(), override(few_rows=False), _random_tape(tape, replay=False):
             outs = list(self._fn(*inputs))
         # which inputs need a gradient is read now: Jittor marks the taped inputs stop-grad before grad() runs
         needs = [isinstance(x, jt.Var) and _is_float(x) and not x.is_stop_grad() for x in inputs]
