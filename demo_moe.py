@@ -1,4 +1,6 @@
-"""The MoE-LLM demo (seed 001, issue 15 §5): `bash run.sh moe` (or `python demo_moe.py`), about 15 minutes on 2 CPUs.
+"""The MoE-LLM demo (seed 001, issue 15 §5): `bash run.sh moe` (or `python demo_moe.py`). It took 27 min on the
+2-core VM while other jobs kept the load average at 6-10 (one OpenMP thread); its SFT stage ran ~4x faster once
+the load dropped, so a quiet machine takes much less (README: the numbers of that run).
 
 1. corpus: the docstrings of this Python's standard library (Dataset/text_corpus.py; every machine has it offline);
 2. tokenizer: a byte-level BPE trained on the training part (Utils/train_tokenizer.py, ChatML template);
