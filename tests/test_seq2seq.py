@@ -129,6 +129,22 @@ def test_our_export_loads_in_transformers_with_the_same_logits(jt, hf_runs):
 TOP2 = {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5, "jitter": 0.0}
 
 
+def _logits_and_decoder_routes(jt, model, src, tgt):
+    """Full-forward logits and, per decoder MoE layer, the (expert index, kept) of every target position."""
+    for _, f in model.decoder.moe_layers():
+        f.record = True
+    try:
+        with jt.no_grad():
+            logits = model(jt.array(src.astype(np.int32)), jt.array(np.ones(src.shape, bool)),
+                           jt.array(tgt.astype(np.int32))).numpy()
+        sels = model.pop_selections()["decoder"]
+    finally:
+        for _, f in model.decoder.moe_layers():
+            f.record = False
+    B, T = tgt.shape
+    return logits, [(s.index.numpy().reshape(B, T, -1), s.kept.numpy().reshape(B, T, -1)) for _, s in sels]
+
+
 @pytest.mark.parametrize("style", ["seed", "switch"])
 def test_future_target_tokens_do_not_change_earlier_logits(jt, style):
     model = tiny(jt, style, TOP2)
@@ -136,13 +152,24 @@ def test_future_target_tokens_do_not_change_earlier_logits(jt, style):
     rng = np.random.default_rng(1)
     src = rng.integers(3, 40, (2, 6))
     tgt = rng.integers(3, 40, (2, 9))
-    base = model.logits(src, tgt)
+    base, base_routes = _logits_and_decoder_routes(jt, model, src, tgt)
+    assert len(base_routes) == 2 and any((~kept).any() for _, kept in base_routes)   # capacity 0.5 drops some
     for t in (0, 3, 7):
         other = tgt.copy()
         other[:, t + 1:] = rng.integers(3, 40, other[:, t + 1:].shape)
-        got = model.logits(src, other)
-        assert np.array_equal(got[:, :t + 1], base[:, :t + 1]), t
+        got, routes = _logits_and_decoder_routes(jt, model, src, other)
+        # the routing of positions <= t (experts chosen, and kept or dropped) is exactly the same ...
+        for (i0, k0), (i1, k1) in zip(base_routes, routes):
+            assert np.array_equal(i1[:, :t + 1], i0[:, :t + 1]) and np.array_equal(k1[:, :t + 1], k0[:, :t + 1]), t
+        # ... and so are their logits, up to float rounding: each expert's GEMM runs on another set of rows
+        # (measured <= 5e-7 on an AMD EPYC VM; a leak through attention or capacity moves them by far more)
+        np.testing.assert_allclose(got[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-5, err_msg=str(t))
         assert not np.allclose(got[:, t + 1:], base[:, t + 1:])   # the change did reach later positions
+    dense = tiny(jt, style, None)   # without experts nothing is regrouped: earlier logits are bit-identical
+    dense.eval()
+    other = tgt.copy()
+    other[:, 4:] = rng.integers(3, 40, other[:, 4:].shape)
+    assert np.array_equal(dense.logits(src, other)[:, :4], dense.logits(src, tgt)[:, :4])
 
 
 @pytest.mark.parametrize("style", ["seed", "switch"])
@@ -281,7 +308,10 @@ def test_gradient_checkpointing_gives_identical_gradients(jt):
             w = model.loss_weights()
             total = sum(v * w[k] for k, v in terms.items() if w.get(k))
             out.append([g.numpy() for g in jt.grad(total, params)] + [total.item()])
-        assert out[0][-1] == out[1][-1]
+        # the same dropout masks and jitter (another seed moves this loss by 2-7%); the value itself only up to
+        # float32 rounding: bit equality held alone but not after other tests in the process (4.7007646 vs
+        # 4.7007642 on an AMD EPYC VM; the recompute runs the same ops in another fused graph)
+        np.testing.assert_allclose(out[1][-1], out[0][-1], rtol=1e-6)
         for a, b in zip(out[0][:-1], out[1][:-1]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
