@@ -26,10 +26,7 @@ Writes to output_dir: log.txt (JSON lines), tensorboard scalars, config.json, ch
 checkpoint-best.pkl, and at the end `model/` (params.json + consolidated.00.pth + tokenizer, the best weights; read it
 with `LLaMA_adapter.from_pretrained`) and train_summary.json (parameters, tokens, tokens/s).
 """
-import math
-import os
 import sys
-import time
 
 from engine import lm_frontend as F
 from engine.flags import add_training_flags, check_training_flags
@@ -60,20 +57,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     check_training_flags(args)
     F.check_model_flags(args, scratch=True)
-    if not 0.0 <= args.val_split < 1.0:
-        raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
-    if args.val_split and args.val_data_path:
-        raise UserError("give --val_data_path or --val_split, not both")
     return args
-
-
-def check_paths(args):
-    if not args.data_path:
-        raise UserError("--data_path is required")
-    for flag in ("data_path", "val_data_path"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            raise UserError("--%s: %s is not a file" % (flag, path))
 
 
 def load_data(args, tokenizer, max_seq_len, rank, world, main):
@@ -107,65 +91,6 @@ def load_data(args, tokenizer, max_seq_len, rank, world, main):
     return train, val, lines
 
 
-def schedule_for(args, total_steps):
-    from engine.schedule import StepSchedule
-    if args.warmup_steps is None:
-        args.warmup_steps = int(math.ceil(0.02 * total_steps))
-    return StepSchedule(args.lr, total_steps, args.min_lr, args.warmup_steps, args.lr_schedule)
-
-
-def run(args, tokenizer, tok_path, margs, source):
-    from engine.frontend import run_in_output_dir
-    from Utils import distributed as dist
-    # the corpus is read (and bad lines reported) before the output directory is touched
-    loaded = load_data(args, tokenizer, margs.max_seq_len, dist.rank(), dist.world_size(), dist.is_main_process())
-    return run_in_output_dir(args.output_dir, args.resume,
-                             lambda resume_path: train(args, tokenizer, tok_path, margs, source, loaded, resume_path))
-
-
-def train(args, tokenizer, tok_path, margs, source, loaded, resume_path):
-    from engine.frontend import train_config
-    from engine.trainer import Trainer
-    from Utils import distributed as dist
-    world, main = dist.world_size(), dist.is_main_process()
-    data, val, lines = loaded
-    steps_per_epoch = len(data) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise UserError("--data_path: %d micro-batches per epoch give no optimizer step with --accum_iter %d"
-                        % (len(data), args.accum_iter))
-    total = args.epochs * steps_per_epoch
-    total = min(total, args.max_steps) if args.max_steps else total
-    schedule = schedule_for(args, total)
-    model = F.build_model(args, margs)
-    counts = F.param_counts(margs)
-    timed, timed_val = F.TimedData(data), (F.TimedEval(val) if val is not None else None)
-    config = dict(vars(args), model=margs.base_params(), model_source=source, tokenizer_path=tok_path,
-                  params=counts)
-    cfg = train_config(args, schedule, RESUME_MUST_MATCH, config, betas=(0.9, 0.95), clip_grad=args.clip_grad,
-                       token_weighted=True)
-    out_dir = os.path.join(args.output_dir, "model")
-    trainer = Trainer(model, timed, cfg, val_data=timed_val, export=lambda m: F.export_model(m, out_dir))
-    header = ["model: %s from %s, %d parameters (%d active per token), %d trainable (--trainable %s), MoE layers %s"
-              % ("MoE" if margs.moe is not None else "dense", source, counts["total"], counts["active"],
-                 model.num_trainable_params(), args.trainable, list(margs.moe_layer_ids()) or "none"),
-              "optimizer: %d steps (%d per epoch), global batch %d x %d tokens, lr %.3g -> %.3g, warm-up %d, world "
-              "size %d" % (total, steps_per_epoch, args.batch_size * world * args.accum_iter, margs.max_seq_len,
-                           args.lr, args.min_lr, args.warmup_steps, world)] + ["data: " + l for l in lines]
-    t0 = time.perf_counter()
-    state = trainer.fit(resume_path, header=header, start_fields=dict(total_params=counts["total"],
-                                                                      active_params=counts["active"]))
-    speed = F.throughput(timed, timed_val, time.perf_counter() - t0)
-    if main:
-        summary = dict(params=counts, trainable_params=model.num_trainable_params(), steps=state.step,
-                       best_step=state.best_step, best_val_loss=state.best_val if state.best_step >= 0 else None,
-                       world_size=world, **speed)
-        F.write_json_atomic(os.path.join(args.output_dir, "train_summary.json"), summary)
-        print("model (%s weights) written to %s; %d tokens in %.1fs (%.0f tokens/s, steady state %s)"
-              % ("best, step %d" % state.best_step if state.best_step >= 0 else "last", out_dir, speed["tokens"],
-                 speed["seconds"], speed["tokens_per_s"], speed["steady_tokens_per_s"]), flush=True)
-    return 0
-
-
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
@@ -178,8 +103,12 @@ def main(argv=None):
         F.dry_run(args, margs, source, tok_path,
                   args.batch_size * args.world_size * args.accum_iter * margs.max_seq_len)
         return 0
-    check_paths(args)
-    return run(args, tokenizer, tok_path, margs, source)
+    F.check_data_flags(args)
+    # the corpus is read (and bad lines reported) before the output directory is touched
+    return F.run_training(args, tokenizer, tok_path, margs, source,
+                          lambda rank, world: load_data(args, tokenizer, margs.max_seq_len, rank, world,
+                                                        dist.is_main_process()),
+                          RESUME_MUST_MATCH, "%d x %d tokens")
 
 
 if __name__ == "__main__":

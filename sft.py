@@ -18,10 +18,7 @@ coefficients, expert load in the log, early stop, exact resume, `--trainable all
 pretrain.py's (see its --help). Writes output_dir/model/ (read it with `LLaMA_adapter.from_pretrained`),
 train_summary.json, log.txt, tensorboard scalars and checkpoints.
 """
-import math
-import os
 import sys
-import time
 
 import numpy as np
 
@@ -51,20 +48,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     check_training_flags(args)
     F.check_model_flags(args, scratch=False)
-    if not 0.0 <= args.val_split < 1.0:
-        raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
-    if args.val_split and args.val_data_path:
-        raise UserError("give --val_data_path or --val_split, not both")
     return args
-
-
-def check_paths(args):
-    if not args.data_path:
-        raise UserError("--data_path is required")
-    for flag in ("data_path", "val_data_path"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            raise UserError("--%s: %s is not a file" % (flag, path))
 
 
 def split_conversations(convs, fraction, seed):
@@ -101,52 +85,6 @@ def load_data(args, tokenizer, max_seq_len, rank, world):
     return train, val, lines
 
 
-def train(args, tokenizer, tok_path, margs, source, loaded, resume_path):
-    from engine.frontend import train_config
-    from engine.schedule import StepSchedule
-    from engine.trainer import Trainer
-    from Utils import distributed as dist
-    world, main = dist.world_size(), dist.is_main_process()
-    data, val, lines = loaded
-    steps_per_epoch = len(data) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise UserError("--data_path: %d micro-batches per epoch give no optimizer step with --accum_iter %d"
-                        % (len(data), args.accum_iter))
-    total = args.epochs * steps_per_epoch
-    total = min(total, args.max_steps) if args.max_steps else total
-    if args.warmup_steps is None:
-        args.warmup_steps = int(math.ceil(0.02 * total))
-    schedule = StepSchedule(args.lr, total, args.min_lr, args.warmup_steps, args.lr_schedule)
-    model = F.build_model(args, margs)
-    counts = F.param_counts(margs)
-    timed, timed_val = F.TimedData(data), (F.TimedEval(val) if val is not None else None)
-    config = dict(vars(args), model=margs.base_params(), model_source=source, tokenizer_path=tok_path,
-                  params=counts)
-    cfg = train_config(args, schedule, RESUME_MUST_MATCH, config, betas=(0.9, 0.95), clip_grad=args.clip_grad,
-                       token_weighted=True)
-    out_dir = os.path.join(args.output_dir, "model")
-    trainer = Trainer(model, timed, cfg, val_data=timed_val, export=lambda m: F.export_model(m, out_dir))
-    header = ["model: %s from %s, %d parameters (%d active per token), %d trainable (--trainable %s)"
-              % ("MoE" if margs.moe is not None else "dense", source, counts["total"], counts["active"],
-                 model.num_trainable_params(), args.trainable),
-              "optimizer: %d steps (%d per epoch), global batch %d conversations of <= %d tokens, lr %.3g -> %.3g, "
-              "warm-up %d, world size %d" % (total, steps_per_epoch, args.batch_size * world * args.accum_iter,
-                                             margs.max_seq_len, args.lr, args.min_lr, args.warmup_steps, world)]
-    header += ["data: " + l for l in lines]
-    t0 = time.perf_counter()
-    state = trainer.fit(resume_path, header=header)
-    speed = F.throughput(timed, timed_val, time.perf_counter() - t0)
-    if main:
-        summary = dict(params=counts, trainable_params=model.num_trainable_params(), steps=state.step,
-                       best_step=state.best_step, best_val_loss=state.best_val if state.best_step >= 0 else None,
-                       world_size=world, **speed)
-        F.write_json_atomic(os.path.join(args.output_dir, "train_summary.json"), summary)
-        print("model (%s weights) written to %s; %d tokens in %.1fs (%.0f tokens/s)"
-              % ("best, step %d" % state.best_step if state.best_step >= 0 else "last", out_dir, speed["tokens"],
-                 speed["seconds"], speed["tokens_per_s"]), flush=True)
-    return 0
-
-
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
@@ -158,12 +96,11 @@ def main(argv=None):
     if args.dry_run:
         F.dry_run(args, margs, source, tok_path, None)
         return 0
-    check_paths(args)
-    from engine.frontend import run_in_output_dir
+    F.check_data_flags(args)
     # every record is read and checked before the output directory is touched
-    loaded = load_data(args, tokenizer, margs.max_seq_len, dist.rank(), args.world_size)
-    return run_in_output_dir(args.output_dir, args.resume,
-                             lambda resume_path: train(args, tokenizer, tok_path, margs, source, loaded, resume_path))
+    return F.run_training(args, tokenizer, tok_path, margs, source,
+                          lambda rank, world: load_data(args, tokenizer, margs.max_seq_len, rank, world),
+                          RESUME_MUST_MATCH, "%d conversations of <= %d tokens")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ starting with "_" are comments. `vocab_size` is optional: the tokenizer's size i
 value smaller than the tokenizer's is an error (a larger one keeps unused rows, e.g. a vocabulary padded to 64).
 """
 import json
+import math
 import os
 import time
 
@@ -222,6 +223,78 @@ def write_json_atomic(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ the training run
+def check_data_flags(args):
+    """--val_data_path and --val_split exclude each other; --data_path (and the validation file) must exist."""
+    if args.val_split and args.val_data_path:
+        raise UserError("give --val_data_path or --val_split, not both")
+    if not args.data_path:
+        raise UserError("--data_path is required")
+    for flag in ("data_path", "val_data_path"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UserError("--%s: %s is not a file" % (flag, path))
+
+
+def run_training(args, tokenizer, tok_path, margs, source, load_data, resume_must_match, batch_text):
+    """Read the data (`load_data(rank, world)` → (training data, validation data or None, summary lines)) before the
+    output directory is touched, then train under the output-dir lock (engine/frontend.run_in_output_dir)."""
+    from engine.frontend import run_in_output_dir
+    from Utils import distributed as dist
+    loaded = load_data(dist.rank(), dist.world_size())
+    return run_in_output_dir(args.output_dir, args.resume, lambda resume_path: train(
+        args, tok_path, margs, source, loaded, resume_path, resume_must_match, batch_text))
+
+
+def train(args, tok_path, margs, source, loaded, resume_path, resume_must_match, batch_text):
+    """The LM front ends' run on the engine's Trainer: warm-up (default 2% of the steps) + --lr_schedule, AdamW betas
+    0.9/0.95, token-weighted loss, the best (else last) weights exported to output_dir/model/, train_summary.json.
+    batch_text: what one row of the global batch is, for the log header (e.g. "%d x %d tokens")."""
+    from engine.frontend import train_config
+    from engine.schedule import StepSchedule
+    from engine.trainer import Trainer
+    from Utils import distributed as dist
+    world, main = dist.world_size(), dist.is_main_process()
+    data, val, lines = loaded
+    steps_per_epoch = len(data) // args.accum_iter
+    if steps_per_epoch == 0:
+        raise UserError("--data_path: %d micro-batches per epoch give no optimizer step with --accum_iter %d"
+                        % (len(data), args.accum_iter))
+    total = args.epochs * steps_per_epoch
+    total = min(total, args.max_steps) if args.max_steps else total
+    if args.warmup_steps is None:
+        args.warmup_steps = int(math.ceil(0.02 * total))
+    schedule = StepSchedule(args.lr, total, args.min_lr, args.warmup_steps, args.lr_schedule)
+    model = build_model(args, margs)
+    counts = param_counts(margs)
+    timed, timed_val = TimedData(data), (TimedEval(val) if val is not None else None)
+    config = dict(vars(args), model=margs.base_params(), model_source=source, tokenizer_path=tok_path,
+                  params=counts)
+    cfg = train_config(args, schedule, resume_must_match, config, betas=(0.9, 0.95), clip_grad=args.clip_grad,
+                       token_weighted=True)
+    out_dir = os.path.join(args.output_dir, "model")
+    trainer = Trainer(model, timed, cfg, val_data=timed_val, export=lambda m: export_model(m, out_dir))
+    header = ["model: %s from %s, %d parameters (%d active per token), %d trainable (--trainable %s), MoE layers %s"
+              % ("MoE" if margs.moe is not None else "dense", source, counts["total"], counts["active"],
+                 model.num_trainable_params(), args.trainable, list(margs.moe_layer_ids()) or "none"),
+              "optimizer: %d steps (%d per epoch), global batch %s, lr %.3g -> %.3g, warm-up %d, world size %d"
+              % (total, steps_per_epoch, batch_text % (args.batch_size * world * args.accum_iter, margs.max_seq_len),
+                 args.lr, args.min_lr, args.warmup_steps, world)] + ["data: " + line for line in lines]
+    t0 = time.perf_counter()
+    state = trainer.fit(resume_path, header=header, start_fields=dict(total_params=counts["total"],
+                                                                      active_params=counts["active"]))
+    speed = throughput(timed, timed_val, time.perf_counter() - t0)
+    if main:
+        summary = dict(params=counts, trainable_params=model.num_trainable_params(), steps=state.step,
+                       best_step=state.best_step, best_val_loss=state.best_val if state.best_step >= 0 else None,
+                       world_size=world, **speed)
+        write_json_atomic(os.path.join(args.output_dir, "train_summary.json"), summary)
+        print("model (%s weights) written to %s; %d tokens in %.1fs (%.0f tokens/s, steady state %s)"
+              % ("best, step %d" % state.best_step if state.best_step >= 0 else "last", out_dir, speed["tokens"],
+                 speed["seconds"], speed["tokens_per_s"], speed["steady_tokens_per_s"]), flush=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ data wrappers

@@ -5,16 +5,13 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+from conftest import ROOT, last_trainable, max_diff, run_script, train_log
 MINIMIND = os.path.join(ROOT, "data", "minimind_tokenizer")
 WORDS = ("the of and to in is was for on that with as by at from it an be this which or are module function "
          "returns value list string object").split()
@@ -44,27 +41,10 @@ def tiny_model(jt, vocab=64, std=0.02, seed=0, trainable="all", **moe):
 
 
 def run_cli(script, args, np_=1, timeout=600, output=None):
-    cmd = [PY, os.path.join(ROOT, script)] + [str(a) for a in args]
-    if np_ > 1:
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_)] + cmd
-    if output is not None:
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=output, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_script(script, args, np_=np_, timeout=timeout, output=output)
 
 
-def train_log(out_dir, kinds=("train", "val", "epoch")):
-    with open(os.path.join(out_dir, "log.txt")) as f:
-        return [r for r in (json.loads(line) for line in f) if r["kind"] in kinds]
-
-
-def last_weights(out_dir):
-    from Utils.train_checkpoint import load_train_checkpoint
-    return load_train_checkpoint(os.path.join(out_dir, "checkpoint-last.pkl"))["trainable"]
-
-
-def max_diff(a, b):
-    assert sorted(a) == sorted(b)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+last_weights = last_trainable
 
 
 # ------------------------------------------------------------------------------------------------ init and counts

@@ -7,16 +7,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+from conftest import ENV, PY, ROOT, last_trainable, max_diff, run_script, train_log
 
 
 def _reverse_records(n, seed, lengths=(4, 7)):
@@ -50,27 +47,10 @@ def setup(tmp_path_factory):
 
 
 def _run(args, np_=1, output=None, timeout=600):
-    cmd = [PY, os.path.join(ROOT, "train_seq2seq.py")] + [str(a) for a in args]
-    if np_ > 1:
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_)] + cmd
-    if output is not None:
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=output, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_script("train_seq2seq.py", args, np_=np_, timeout=timeout, output=output)
 
 
-def _log(out, kinds=("train", "val", "epoch")):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [r for r in (json.loads(x) for x in f) if r["kind"] in kinds]
-
-
-def _weights(out):
-    from Utils.train_checkpoint import load_train_checkpoint
-    return load_train_checkpoint(os.path.join(out, "checkpoint-last.pkl"))["trainable"]
-
-
-def _max_diff(a, b):
-    assert sorted(a) == sorted(b)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+_log, _weights, _max_diff = train_log, last_trainable, max_diff
 
 
 @pytest.fixture(scope="module")
