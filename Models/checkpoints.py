@@ -219,7 +219,7 @@ def strict_load(module, state, source, keys=None, allow_missing=None, consume=Fa
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _atomic_dir(out_dir, write):
+def write_dir_atomically(out_dir, write):
     """write(tmp_dir), then swap it in for out_dir: a crash leaves either the old directory or the new one."""
     out_dir = os.path.abspath(out_dir)
     tmp, old = "%s.tmp%d" % (out_dir, os.getpid()), "%s.old%d" % (out_dir, os.getpid())
@@ -278,7 +278,7 @@ def save_pretrained(model, out_dir):
         write_torch_pth(os.path.join(tmp, "consolidated.00.pth"), state,
                         dtype=None if args.dtype == "float32" else args.dtype)
         _copy_tokenizer(files, tmp)
-    return _atomic_dir(out_dir, write)
+    return write_dir_atomically(out_dir, write)
 
 
 def export_hf(model_or_state, out_dir, family, args=None, dtype="float32", max_shard_bytes=5 * 10**9,
@@ -321,7 +321,7 @@ def export_hf(model_or_state, out_dir, family, args=None, dtype="float32", max_s
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         _copy_tokenizer(files, tmp)
-    _atomic_dir(out_dir, write)
+    write_dir_atomically(out_dir, write)
     return notes
 
 

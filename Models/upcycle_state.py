@@ -24,7 +24,8 @@ import sys
 
 import numpy as np
 
-from Models.checkpoints import _atomic_dir, _shards, hf_entries, hf_state, load_meta_checkpoint, tokenizer_dir_files
+from Models.checkpoints import (_shards, hf_entries, hf_state, load_meta_checkpoint, tokenizer_dir_files,
+                                write_dir_atomically)
 from Models.hf_config import family_of
 from Models.model_args import ModelArgs
 from Models.param_count import param_shapes
@@ -246,7 +247,7 @@ def write_checkpoint(out_dir, params, state, dtype="float32", max_shard_bytes=5 
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
     try:
-        _atomic_dir(out_dir, write)
+        write_dir_atomically(out_dir, write)
     finally:
         if bar:
             bar.close()

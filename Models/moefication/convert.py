@@ -28,7 +28,7 @@ import shutil
 
 import numpy as np
 
-from Models.checkpoints import tokenizer_dir_files
+from Models.checkpoints import tokenizer_dir_files, write_dir_atomically
 from Models.model_args import ModelArgs
 from Models.moe.config import MoEConfig
 from Models.moefication.gate import centroid_init, load_gate
@@ -87,22 +87,6 @@ def converted_state(args, state, labels, routers):
     return out
 
 
-def _write_dir(out_dir, write):
-    """write(tmp) into a fresh temporary directory, then swap it in for out_dir (never a half-written checkpoint)."""
-    out_dir = os.path.abspath(out_dir)
-    tmp, old = "%s.tmp%d" % (out_dir, os.getpid()), "%s.old%d" % (out_dir, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-        if os.path.exists(out_dir):
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(args, state, work_dir, out_dir, model_dir=None, num_selects=None, weighting="none", score_scale=None,
             use_gate=True, log=print):
     """Write the converted checkpoint to out_dir; returns its ModelArgs."""
@@ -141,7 +125,7 @@ def convert(args, state, work_dir, out_dir, model_dir=None, num_selects=None, we
             shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
         with open(os.path.join(tmp, INFO), "w") as f:
             json.dump(info, f, indent=1, sort_keys=True)
-    _write_dir(out_dir, write)
+    write_dir_atomically(out_dir, write)
     log("convert: %d layers -> %d experts of %d neurons, top-%d, weighting %s (score_scale %g) -> %s"
         % (len(split_meta["layers"]), E, args.ffn_hidden_dim // E, num_selects, weighting, cfg.score_scale, out_dir))
     return moe_args
