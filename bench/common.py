@@ -429,6 +429,11 @@ def _time_reps(fn, reps, warmup=2):
     return times
 
 
+def median_time(fn, reps, warmup):
+    """Median wall seconds of `reps` calls of fn after `warmup` untimed ones."""
+    return statistics.median(_time_reps(fn, reps, warmup))
+
+
 def matmul_peak(n=2048, reps=5):
     """fp32 [n,n]·[n,n]ᵀ through nn.matmul_transpose (nn.Linear's path, oneDNN on CPU): best and median GFLOP/s."""
     jt = jittor()

@@ -24,19 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import Parser, bounded, emit, jittor, log, matmul_peak, setup_output  # noqa: E402
+from common import Parser, bounded, emit, jittor, log, matmul_peak, median_time, setup_output  # noqa: E402
 from Utils.errors import cli_main  # noqa: E402
-
-
-def _time(fn, reps, warmup):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 @cli_main
@@ -93,8 +82,8 @@ def main(argv=None):
                 build[0] = time.perf_counter() - t0
                 jt.sync(list(grads))
 
-            times[path]["fwd"].append(_time(fwd, ns.reps, ns.warmup))
-            times[path]["fwd_bwd"].append(_time(fwd_bwd, ns.reps, ns.warmup))
+            times[path]["fwd"].append(median_time(fwd, ns.reps, ns.warmup))
+            times[path]["fwd_bwd"].append(median_time(fwd_bwd, ns.reps, ns.warmup))
             times[path]["build"].append(build[0])
             layer.pop_selection()
             jt.sync_all()

@@ -22,24 +22,12 @@ model. On a shared machine, OMP_NUM_THREADS=1 gives steadier numbers.
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import Parser, bounded, emit, jittor, log, setup_output  # noqa: E402
+from common import Parser, bounded, emit, jittor, log, median_time, setup_output  # noqa: E402
 from Utils.errors import UserError, cli_main  # noqa: E402
-
-
-def _time(fn, reps, warmup):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def _batches(text):
@@ -101,7 +89,7 @@ def main(argv=None):
             for r in range(ns.rounds):                       # alternate: a busy machine drifts
                 for name, fn in paths.items():
                     KERNELS.few_rows = name != "generic"
-                    times[name].append(_time(fn, ns.reps, ns.warmup))
+                    times[name].append(median_time(fn, ns.reps, ns.warmup))
                 KERNELS.few_rows = True
                 log("B=%d round %d: %s" % (B, r, ", ".join("%s %.3f ms" % (k, 1e3 * v[-1])
                                                              for k, v in times.items())))
