@@ -25,6 +25,7 @@ import time
 
 from Utils.cli import Parser
 from Utils.errors import UserError, cli_main
+from Utils.runtime import demo_threads_env
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BASE = {"embed_size": 128, "num_heads": 4, "hidden_dim": 512, "enc_layers": 4, "dec_layers": 4, "dropout": 0.1,
@@ -43,18 +44,6 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     return p
-
-
-def threads_env():
-    """OpenMP threads for the training runs: the user's OMP_NUM_THREADS, else 1 on a machine already busier than its
-    CPU count (2-thread barriers then wait for preempted threads and a step runs several times slower), else
-    OpenMP's default."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return "%s (from the environment)" % os.environ["OMP_NUM_THREADS"]
-    if os.getloadavg()[0] >= (os.cpu_count() or 1):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        return "1 (the machine is busy: load %.1f on %d CPUs)" % (os.getloadavg()[0], os.cpu_count() or 1)
-    return "OpenMP's default"
 
 
 def run_stage(cmd, log):
@@ -133,7 +122,7 @@ def evaluate(model_dir, test_records):
 def main(argv=None):
     a = build_parser().parse_args(argv)
     t_start = time.time()
-    print("threads: %s" % threads_env(), flush=True)
+    print("threads: %s" % demo_threads_env(), flush=True)
     os.makedirs(a.out_dir, exist_ok=True)
     os.makedirs(a.img_dir, exist_ok=True)
     times = {}

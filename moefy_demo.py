@@ -23,6 +23,7 @@ import time
 
 from Utils.cli import Parser
 from Utils.errors import UserError, cli_main
+from Utils.runtime import demo_threads_env
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, ".cache", "moefy_demo", "v1")
@@ -52,17 +53,6 @@ def build_parser():
     p.add_argument("--img_dir", default=os.path.join(ROOT, "docs", "img"),
                    help="where moefy_retained.png goes (the README shows docs/img's)")
     return p
-
-
-def threads_env():
-    """OpenMP threads for the stages: the user's OMP_NUM_THREADS, else 1 on a machine already busier than its CPU
-    count (2-thread barriers then wait for preempted threads, as demo_seq2seq.py measured), else OpenMP's default."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return "%s (from the environment)" % os.environ["OMP_NUM_THREADS"]
-    if os.getloadavg()[0] >= (os.cpu_count() or 1):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        return "1 (the machine is busy: load %.1f on %d CPUs)" % (os.getloadavg()[0], os.cpu_count() or 1)
-    return "OpenMP's default"
 
 
 def _run(cmd, log_path, what):
@@ -190,7 +180,7 @@ def main(argv=None):
     logs = os.path.join(o.out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     log = lambda *a: print(*a, flush=True)
-    log("OpenMP threads: %s" % threads_env())
+    log("OpenMP threads: %s" % demo_threads_env())
     log("[1/6] corpus + tokenizer: Python's stdlib docstrings, byte-level BPE (%d ids)" % o.vocab_size)
     train, val, tok = corpus_and_tokenizer(o.vocab_size, log)
     log("[2/6] pretraining the dense models (pretrain.py, %d steps each; cached): %s" % (o.steps, ", ".join(MODELS)))

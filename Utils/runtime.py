@@ -117,3 +117,16 @@ def world_size():
 
 def is_main_process():
     return rank() == 0
+
+
+def demo_threads_env():
+    """OpenMP threads for a demo's child stages (set in os.environ, which they inherit): the user's OMP_NUM_THREADS,
+    else 1 on a machine already busier than its CPU count (2-thread barriers then wait for preempted threads and a
+    step runs several times slower), else OpenMP's default. Returns a line for the demo's log. Thread counts change
+    float summation order, so runs at different loads need not agree bit for bit."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return "%s (from the environment)" % os.environ["OMP_NUM_THREADS"]
+    if os.getloadavg()[0] >= (os.cpu_count() or 1):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        return "1 (the machine is busy: load %.1f on %d CPUs)" % (os.getloadavg()[0], os.cpu_count() or 1)
+    return "OpenMP's default"
