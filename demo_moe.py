@@ -28,6 +28,7 @@ import time
 from Utils.cli import Parser
 from Utils.distributed import launcher_rank
 from Utils.errors import UserError, cli_main
+from Utils.runtime import demo_threads_env
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, ".cache", "demo_moe", "v1")  # bump when the corpus or tokenizer recipe changes
@@ -90,17 +91,6 @@ def single_process_env():
         if k.startswith(("OMPI_COMM_WORLD", "OMPI_MCA", "PMIX_", "PMI_")):
             del os.environ[k]
     return True
-
-
-def threads_env():
-    """OpenMP threads for the stages: the user's OMP_NUM_THREADS, else 1 on a machine already busier than its CPU
-    count (2-thread barriers then wait for preempted threads: a step measured 5-8x slower), else the default."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return os.environ["OMP_NUM_THREADS"], "from the environment"
-    if os.getloadavg()[0] >= (os.cpu_count() or 1):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        return "1", "the machine is busy (load %.1f on %d CPUs)" % (os.getloadavg()[0], os.cpu_count() or 1)
-    return None, "OpenMP's default"
 
 
 def _total_steps(log):
@@ -284,11 +274,12 @@ def main(argv=None):
         return   # mpirun's other ranks: rank 0 runs the whole demo
     check_args(a)
     t_start = time.time()
-    threads, why = threads_env()
+    threads_line = demo_threads_env()
+    threads = os.environ.get("OMP_NUM_THREADS")
     py = sys.executable
     logs = os.path.join(a.out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    print("[setup] OpenMP threads: %s (%s)" % (threads or "default", why), flush=True)
+    print("[setup] OpenMP threads: %s" % threads_line, flush=True)
 
     text = prepare_text(a.vocab_size)
     print("[1/5] corpus: %d docstrings of the Python %s standard library, %.2f MB (%d train / %d validation)"
