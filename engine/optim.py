@@ -51,18 +51,23 @@ class AdamW:
     def step(self, grads):
         """Apply one update; `grads` maps parameter name → gradient Var (already averaged over ranks). A parameter
         missing from `grads` is left alone — no decay, no moment update — as torch.optim.AdamW skips a parameter
-        whose .grad is None."""
+        whose .grad is None.
+
+        The update runs parameter by parameter: each new weight and its moments are materialised, then the old
+        ones and the gradient are released (the gradient's entry is removed from `grads`, which this consumes), so
+        the step holds one parameter's temporaries at a time instead of a second copy of the weights and moments
+        (torch's in-place update holds none). The arithmetic is element-wise, so the order changes no bit."""
         self.step_count += 1
         b1, b2 = self.betas
         bc1 = 1.0 - b1 ** self.step_count
         bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
-        touched = []
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for name, p in group["named"]:
-                if name not in grads:
+                g = grads.pop(name, None)
+                if g is None:
                     continue
-                g = grads[name].float32()
+                g = g.float32()
                 st = self.state[name]
                 m = st["m"] * b1 + g * (1.0 - b1)
                 v = st["v"] * b2 + g * g * (1.0 - b2)
@@ -73,8 +78,8 @@ class AdamW:
                 new_p = p * (1.0 - lr * wd) - (m / denom) * (lr / bc1)
                 st["m"], st["v"] = m.detach(), v.detach()
                 p.update(new_p.cast(p.dtype))
-                touched += [p, st["m"], st["v"]]
-        jt.sync(touched)  # materialise now so no graph is carried into the next step
+                del g, m, v, denom, new_p
+                jt.sync([p, st["m"], st["v"]])  # no graph is carried into the next step; old buffers freed now
 
     def state_dict(self):
         return {"step": self.step_count,

@@ -219,7 +219,9 @@ class Trainer:
             if cfg.clip_grad and finite:
                 grads, _ = clip_by_global_norm(grads, cfg.clip_grad, norm)
         if finite:
-            self.optimizer.step({n: g for (n, _), g in zip(self.named, grads) if n not in self.gradientless})
+            pending = {n: g for (n, _), g in zip(self.named, grads) if n not in self.gradientless}
+            del acc, reduced, grads   # the optimizer releases each gradient once applied; hold no other reference
+            self.optimizer.step(pending)
         else:
             self.state.skipped_steps += 1
             record["skipped"] = True
