@@ -72,3 +72,42 @@ def check_training_flags(args):
         raise UserError("--lr must be >= 0, got %g" % args.lr)
     if not 0.0 <= getattr(args, "val_split", 0.0) < 1.0:   # every front end that holds out a validation part
         raise UserError("--val_split must be in [0, 1), got %g" % args.val_split)
+
+
+def add_generation_flags(p, temperature=0.1):
+    """How inference.py generates answers to test-set records and reads them off (Dataset/test_runner.py), with its
+    defaults; `moefy.py evaluate --math_sets` takes the same flags with `temperature` 0 (greedy)."""
+    a = p.add_argument
+    a("--max_gen_len", type=int, default=128)
+    a("--min_gen_len", type=int, default=30, help="room kept for the answer when truncating an input")
+    a("--max_batch_size", type=int, default=32)
+    a("--temperature", type=float, default=temperature, help="0 = greedy")
+    a("--top_p", type=float, default=0.75)
+    a("--top_k", type=int, default=0, help="sample among the k most likely tokens only (0 = off)")
+    a("--repetition_penalty", type=float, default=1.0,
+      help="Hugging Face's repetition penalty on prompt and generated tokens (1.0 = off)")
+    a("--aqua_rule", choices=("first", "answer_is"), default="first",
+      help="AQuA letter extraction: first capital A-E (reference) or the letter after 'answer is' (D9)")
+    a("--prompt_template", choices=("alpaca", "chat", "completion"), default="alpaca",
+      help="alpaca (the reference's), chat (the tokenizer's chat template, as Math.py --prompt_template chat), "
+           "completion (code sets only: the bare task text, for a base model)")
+    a("--chat_template_kwargs", default="", help="JSON object of chat template variables, e.g. "
+                                                  "'{\"enable_thinking\": false}' (as given to Math.py)")
+
+
+def check_generation_flags(args):
+    """The flags of add_generation_flags; parses --chat_template_kwargs in place."""
+    for name in ("max_gen_len", "max_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError("--%s must be >= 1, got %d" % (name, getattr(args, name)))
+    if args.min_gen_len < 0:
+        raise UserError("--min_gen_len must be >= 0, got %d" % args.min_gen_len)
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
+    if args.top_k < 0 or args.repetition_penalty <= 0:
+        raise UserError("--top_k must be >= 0 and --repetition_penalty > 0")
+    from Dataset.prompts import parse_template_kwargs
+    if isinstance(args.chat_template_kwargs, str):
+        args.chat_template_kwargs = parse_template_kwargs(args.chat_template_kwargs)
+    if args.chat_template_kwargs and args.prompt_template != "chat":
+        raise UserError("--chat_template_kwargs needs --prompt_template chat")
