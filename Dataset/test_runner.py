@@ -4,8 +4,9 @@
 `resolve_sets` turns --data_path items (files, comma lists, directories) into (set name, file, kind); `open_set`
 reads one (Dataset/math_sets.py: math and commonsense records; Dataset/code_sets.py: HumanEval / MBPP); `Runner`
 generates, every rank its contiguous shard of the records (`plan_batches`), rank 0 gathering the texts and turning
-them into result records. `Runner.run_set` keeps inference.py's resumable `<set>.jsonl`. The flags the Runner reads
-are engine/flags.py:add_generation_flags plus a few of inference.py's own.
+them into result records. `Runner.run_set` keeps inference.py's resumable `<set>.jsonl`; `Runner.predict_set`
+generates every record afresh and writes the file at once (a temporary file renamed), scored by the set's own
+scorer. The flags the Runner reads are engine/flags.py:add_generation_flags plus a few of inference.py's own.
 """
 import json
 import os
@@ -49,6 +50,50 @@ def resolve_sets(data_paths, task="auto"):
         seen[name] = f
         sets.append((name, f, kind or "math"))
     return sets
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+SHIPPED_GROUPS = ("math", "commonsense")   # data/<group>/<set>/test.json (data/README.md)
+
+
+def shipped_sets(data_dir=SHIPPED):
+    """{set name or group name: path} of the test sets in the repository's data/: every <group>/<set> directory
+    holding a test.json, and each group as a whole ("math" = the six math sets)."""
+    out = {}
+    for group in SHIPPED_GROUPS:
+        g = os.path.join(data_dir, group)
+        if not os.path.isdir(g):
+            continue
+        out[group] = g
+        for name in sorted(os.listdir(g)):
+            if os.path.isfile(os.path.join(g, name, "test.json")):
+                out[name] = os.path.join(g, name)
+    return out
+
+
+def resolve_named_sets(text, flag, data_dir=SHIPPED):
+    """resolve_sets (task math) of a comma list whose items are paths, as --data_path takes them, or names of sets
+    shipped in data/ (any case: gsm8k, AddSub, ..., boolq, ...; "math" / "commonsense" = the whole group). Errors
+    are one line starting with `flag`."""
+    shipped = shipped_sets(data_dir)
+    by_lower = {k.lower(): v for k, v in shipped.items()}
+    paths = []
+    for item in filter(None, (s.strip() for s in str(text).split(","))):
+        if os.path.exists(item):
+            paths.append(item)
+        elif item.lower() in by_lower:
+            paths.append(by_lower[item.lower()])
+        elif os.sep in item or "/" in item or item.lower().endswith((".json", ".jsonl")):
+            raise UserError("%s: %s: data file not found" % (flag, item))
+        else:
+            raise UserError("%s: %r is neither a file nor a test set in %s (expected a path or one of %s)"
+                            % (flag, item, data_dir, ", ".join(shipped)))
+    if not paths:
+        raise UserError("%s: no test set given (expected a comma list of set names or paths)" % flag)
+    try:
+        return resolve_sets(paths, "math")
+    except UserError as e:
+        raise UserError("%s: %s" % (flag, e))
 
 
 def stem(path):
@@ -228,6 +273,26 @@ class Runner:
             raise UserError("%s: only %d of %d records written" % (out_path, writer.done, len(records)))
         return report_set(test_set.score(out_path), out_path)
 
+    def predict_set(self, test_set, data_file, out_path):
+        """Generate every record of `test_set` afresh (nothing is resumed: the model may have changed since a file
+        was written), write `out_path` on rank 0 in one go (Utils/prediction_file.py:write_predictions) and score
+        that file with the set's own scorer, as `inference.py --score_only` would. Returns (summary lines, info) on
+        every rank."""
+        from Utils.prediction_file import write_predictions
+        n = len(test_set.records)
+        prompts = self.prompts(test_set, data_file)
+        broadcast_from_main(test_set.prepare)
+        got = {}
+        self.generate(test_set, prompts, list(range(n)), got.update)
+
+        def finish():
+            got.update(test_set.drain())
+            if len(got) < n:
+                raise UserError("%s: only %d of %d records generated" % (out_path, len(got), n))
+            write_predictions(out_path, [got[i] for i in range(n)])
+            return test_set.score(out_path)
+        return broadcast_from_main(finish)
+
     def _generate(self, batch, prompts, stats, dumper):
         """Generate one batch on this rank; returns what rank 0 needs (outputs, timing, dumps)."""
         from Models.routing_dump import real_lengths
@@ -276,3 +341,36 @@ class Runner:
         with open("%s_bs%d_time.jsonl" % (s, self.a.max_batch_size), "a") as f:
             f.write(json.dumps(line) + "\n")
 
+
+class AccuracyEval:
+    """Accuracy of a model on fixed test sets, with inference.py's generation, answer extraction and scorer:
+    `evaluate(model, out_dir)` runs `Runner.predict_set` on every set (every rank its shard; rank 0 writes
+    `<out_dir>/<set>.jsonl`) and returns {set: accuracy, ..., "mean": unweighted mean} on every rank; `describe()`
+    says what it runs (sets, records per set, generation flags).
+
+    `a` is the Runner's flags (see Runner) with max_examples; `sets` = resolve_sets(...) entries. The sets are read
+    here, so a bad file fails before any model is loaded."""
+
+    def __init__(self, a, sets, progress=False):
+        self.a, self.progress = a, progress
+        if any(name == "mean" for name, _, _ in sets):
+            raise UserError("a test set named 'mean' clashes with the mean accuracy's key; rename its directory")
+        self.sets = [(open_set(name, f, kind, a), f) for name, f, kind in sets]
+
+    GENERATION_KEYS = ("max_gen_len", "min_gen_len", "max_batch_size", "temperature", "top_p", "top_k",
+                       "repetition_penalty", "aqua_rule", "prompt_template", "chat_template_kwargs", "seed")
+
+    def describe(self):
+        return {"sets": {ts.name: os.path.abspath(f) for ts, f in self.sets},
+                "records": {ts.name: len(ts.records) for ts, _ in self.sets}, "max_examples": self.a.max_examples,
+                "generation": {k: getattr(self.a, k) for k in self.GENERATION_KEYS}}
+
+    def evaluate(self, model, out_dir):
+        from Utils import distributed as dist
+        runner = Runner(self.a, model, dist.rank(), dist.world_size(), self.progress)
+        acc = {}
+        for test_set, data_file in self.sets:
+            _, info = runner.predict_set(test_set, data_file, os.path.join(out_dir, test_set.name + ".jsonl"))
+            acc[test_set.name] = info["accuracy"]
+        acc["mean"] = float(np.mean(list(acc.values())))
+        return acc

@@ -93,3 +93,20 @@ def _append(path, lines):
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_predictions(path, records):
+    """A whole predictions file at once, in the format above (one JSON line per record, in order): written to a
+    temporary name in the same directory, fsync'ed and renamed, so a reader or a kill never leaves half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
