@@ -5,7 +5,7 @@ model's own activations, convert, and evaluate the sparse model — one tool, st
     python moefy.py features --model DIR --work_dir W --data corpus.jsonl [--max_tokens 200000]   (mpirun: by rank)
     python moefy.py gate     --model DIR --work_dir W --num_selects 4 [--criterion l2_norm] [--loss bce_topk]
     python moefy.py convert  --model DIR --work_dir W [--weighting none|softmax] [--score_scale S]
-    python moefy.py evaluate --model DIR --work_dir W --data validation.jsonl
+    python moefy.py evaluate --model DIR --work_dir W --data validation.jsonl [--math_sets gsm8k,AddSub]
     python moefy.py all      (every flag above: the five stages in order)
     python moefy.py demo     (the README's demo: tiny SwiGLU and ReLU models trained on real text, MoEfied)
 
@@ -16,7 +16,9 @@ collects features before splitting (features do not depend on the split).
 import os
 import sys
 
+from engine.flags import add_generation_flags, check_generation_flags
 from Utils.cli import Parser, add_bool
+from Utils.distributed import launcher_rank
 from Utils.errors import UserError, cli_main
 
 STAGE_ORDER = ("split", "features", "gate", "convert", "evaluate")
@@ -90,6 +92,11 @@ def _add_evaluate(p, with_data=True):
     p.add_argument("--fractions", default="0.125,0.25,0.5,1", help="k/E values")
     p.add_argument("--methods", default="ground_truth,router,similarity,random")
     p.add_argument("--max_eval_rows", type=int, default=0, help="evaluate at most this many rows (0 = all)")
+    p.add_argument("--math_sets", default="", help="also accuracy on these test sets (instruction models): a comma "
+                   "list of sets shipped in data/ (gsm8k, AddSub, ..., boolq, ...; 'math' = the six math sets) or "
+                   "paths as inference.py --data_path takes them")
+    p.add_argument("--math_examples", type=int, default=50, help="with --math_sets: the first N records of every set")
+    add_generation_flags(p, temperature=0.0)   # inference.py's flags and defaults, but greedy
 
 
 def build_parser():
@@ -134,11 +141,40 @@ def make_optimizer(named, lr, weight_decay=0.0):
     return AdamW(param_groups(named, weight_decay), lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def math_eval(o):
+    """None without --math_sets; else what the evaluate stage calls for accuracy (Dataset/test_runner.py's
+    AccuracyEval: `evaluate(model, out_dir)` → {set: accuracy, ..., "mean"}, with inference.py's generation, answer
+    extraction and scorer, each set's predictions in <out_dir>/<set>.jsonl). Bad flags or sets fail here, before any
+    stage runs."""
+    if o.math_examples < 1:
+        raise UserError("--math_examples must be >= 1 (the first N records of every set), got %d" % o.math_examples)
+    check_generation_flags(o)
+    if not o.math_sets:
+        return None
+    if o.prompt_template == "completion":
+        raise UserError("--prompt_template completion is for code sets only; --math_sets needs alpaca or chat")
+    import argparse
+    from Dataset.test_runner import AccuracyEval, resolve_named_sets
+    sets = resolve_named_sets(o.math_sets, "--math_sets")
+    a = argparse.Namespace(**dict(vars(o), max_examples=o.math_examples, dump_type_weight=False,
+                                  dump_token_weight=0, time_gen=False))
+    try:
+        return AccuracyEval(a, sets, progress=o.progress)
+    except UserError as e:
+        raise UserError("--math_sets: %s" % e)
+
+
 @cli_main
 def _main(argv):
     opts = build_parser().parse_args(argv)
+    try:
+        evaluate_math = math_eval(opts) if opts.stage in ("evaluate", "all") else None
+    except UserError:
+        if launcher_rank() != 0:
+            sys.exit(2)        # every rank read the same flags; rank 0 prints the line once
+        raise
     from Models.moefication import pipeline
-    ctx = pipeline.Context(eval_data, make_optimizer)
+    ctx = pipeline.Context(eval_data, make_optimizer, evaluate_math)
     if opts.stage == "all":
         pipeline.run_all(opts, ctx)
     else:

@@ -5,7 +5,8 @@ Retained quality = ppl_dense / ppl_moe = exp(loss_dense − loss_moe) (1.0 = not
 sum (`convert --weighting none`) k = E reproduces the dense model, so every method retains 1.0 there; the curve
 below it is how much of the FFN a method can skip. Batches come from the caller ({"tokens", "labels",
 "token_mask"} numpy dicts with their target counts); under mpirun each rank brings its shard and `reduce` sums
-(loss·tokens, tokens) over ranks once per evaluation.
+(loss·tokens, tokens) over ranks once per evaluation. With `moefy.py evaluate --math_sets` each run also scores
+the model's generated answers on test sets (the caller's `per_run`), row["math"] = {set: accuracy, "mean": …}.
 """
 import math
 import time
@@ -54,9 +55,10 @@ def mean_loss(model, batches, reduce=None):
 
 
 def sweep(moe_model, batches_fn, info, dense_loss, methods=METHODS, fractions=FRACTIONS, reduce=None, seed=0,
-          log=None, progress=False):
+          log=None, progress=False, per_run=None):
     """[{method, k, fraction, loss, ppl, retained, seconds}] over methods × k of the converted model (a progress
-    bar over the evaluations when `progress`)."""
+    bar over the evaluations when `progress`). `per_run(method, k)`, if given, runs inside each run's selection
+    after the loss and returns more keys for its row (the accuracy on test sets: {"math": {set: acc, "mean"}})."""
     from tqdm import tqdm
     transformer = moe_model.llama
     layers = transformer.moe_layers()
@@ -71,14 +73,17 @@ def sweep(moe_model, batches_fn, info, dense_loss, methods=METHODS, fractions=FR
         t0 = time.time()
         with use_selection(transformer, method, k, info, cache):
             loss, _ = mean_loss(moe_model, batches_fn(), reduce)
+            extra = per_run(method, k) if per_run is not None else {}
         row = {"method": method, "k": k, "num_experts": E, "fraction": frac, "loss": loss,
-               "ppl": math.exp(min(loss, 50.0)), "retained": math.exp(min(dense_loss - loss, 50.0)),
-               "seconds": time.time() - t0}
+               "ppl": math.exp(min(loss, 50.0)), "retained": math.exp(min(dense_loss - loss, 50.0))}
+        row.update(extra, seconds=time.time() - t0)
         rows.append(row)
         bar.update(1)
         if log is not None:
-            log("evaluate: %-12s k=%d/%d (%5.1f%%): loss %.4f ppl %.2f retained %.3f"
-                % (method, k, E, 100 * frac, loss, row["ppl"], row["retained"]))
+            acc = row.get("math")
+            log("evaluate: %-12s k=%d/%d (%5.1f%%): loss %.4f ppl %.2f retained %.3f%s"
+                % (method, k, E, 100 * frac, loss, row["ppl"], row["retained"],
+                   (" accuracy %.3f" % acc["mean"]) if acc else ""))
     bar.close()
     return rows
 
@@ -88,6 +93,15 @@ def summary_table(rows):
     out = {}
     for r in rows:
         out.setdefault(r["method"], {})[round(r["fraction"], 6)] = r["retained"]
+    return out
+
+
+def accuracy_table(rows):
+    """{method: {fraction: mean accuracy on the test sets}} of the rows that carry it."""
+    out = {}
+    for r in rows:
+        if r.get("math"):
+            out.setdefault(r["method"], {})[round(r["fraction"], 6)] = r["math"]["mean"]
     return out
 
 

@@ -1,7 +1,10 @@
 """The five stages of `moefy.py` over one work directory, given the flags and two factories from the entry point:
 `data(path, tokenizer, seq_len, batch_size, mode, rank, world, cache_dir, progress)` → an object whose `batches()`
 yields (batch, n_targets) for this rank (Dataset.pretrain_data), and `make_optimizer(named, lr)` (engine.optim's
-AdamW) — Models/ imports neither Dataset/ nor engine/.
+AdamW) — Models/ imports neither Dataset/ nor engine/. With --math_sets a third object, `math_eval`, adds
+accuracy to the evaluate stage: `math_eval.evaluate(model, out_dir)` → {set: accuracy, ..., "mean": …} on every
+rank (writing each set's predictions to <out_dir>/<set>.jsonl) and `math_eval.describe()` → what was run
+(Dataset/test_runner.py:AccuracyEval: inference.py's generation, answer extraction and scorer).
 
 Every rank runs every stage; the work is shared where it is large (features by rows, split and gate by layers,
 evaluation by rows) and only rank 0 writes files (features: each rank its own stores).
@@ -16,8 +19,8 @@ from Utils.errors import UserError
 
 
 class Context:
-    def __init__(self, data, make_optimizer):
-        self.data, self.make_optimizer = data, make_optimizer
+    def __init__(self, data, make_optimizer, math_eval=None):
+        self.data, self.make_optimizer, self.math_eval = data, make_optimizer, math_eval
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
 
@@ -126,13 +129,22 @@ def run_convert(o, ctx):
         raise UserError("%s: the converted checkpoint was not written" % out)
 
 
+def _accuracy_line(acc):
+    return ", ".join("%s %.3f" % kv for kv in acc.items())
+
+
 def run_evaluate(o, ctx):
     from Models.moefication.convert import read_info
-    from Models.moefication.evaluate import mean_loss, summary_table, sweep
+    from Models.moefication.evaluate import accuracy_table, mean_loss, summary_table, sweep
     converted = o.converted or stages.stage_dir(o.work_dir, "converted")
     info = read_info(converted)
     fractions = _floats(o.fractions, "--fractions")
     methods = [m.strip() for m in o.methods.split(",") if m.strip()]
+    math_eval = ctx.math_eval
+    predictions = os.path.join(stages.stage_dir(o.work_dir, "eval"), "predictions")
+    if math_eval and ctx.main and os.path.isdir(predictions):
+        import shutil
+        shutil.rmtree(predictions)                   # no file of an earlier run stays beside this run's
     dense = _load_model(o.model, o.tokenizer)
     cache = os.path.join(o.work_dir, "token_cache")
     data = ctx.data(o.data, dense.tokenizer, o.seq_len, o.batch_size, o.mode, ctx.rank, ctx.world, cache,
@@ -143,14 +155,25 @@ def run_evaluate(o, ctx):
     t0 = time.time()
     dense_loss, tokens = mean_loss(dense, batches(), dist.all_reduce_sum)
     ctx.log("evaluate: dense model: loss %.4f (%d tokens)" % (dense_loss, tokens))
+    dense_result = {"loss": dense_loss, "ppl": _exp(dense_loss), "tokens": tokens}
+    per_run = None
+    if math_eval:
+        dense_result["math"] = math_eval.evaluate(dense, os.path.join(predictions, "dense"))
+        ctx.log("evaluate: dense model: accuracy %s" % _accuracy_line(dense_result["math"]))
+
+        def per_run(method, k):   # inside the sweep's selection: the converted model routes with `method`, top-k
+            return {"math": math_eval.evaluate(moe, os.path.join(predictions, "%s_k%d" % (method, k)))}
     del dense
     moe = _load_model(converted, o.tokenizer)
     rows = sweep(moe, batches, info, dense_loss, methods, fractions, dist.all_reduce_sum, o.seed, ctx.log,
-                 progress=o.progress and ctx.main)
-    result = {"dense": {"loss": dense_loss, "ppl": _exp(dense_loss), "tokens": tokens}, "rows": rows,
+                 progress=o.progress and ctx.main, per_run=per_run)
+    result = {"dense": dense_result, "rows": rows,
               "retained": summary_table(rows), "converted": os.path.abspath(converted),
               "gate": (info.get("gate") or {}).get("metrics"), "activations": _activation_stats(o.work_dir),
               "seconds": time.time() - t0}
+    if math_eval:
+        result["accuracy"] = accuracy_table(rows)
+        result["math"] = dict(math_eval.describe(), predictions=os.path.abspath(predictions))
     if ctx.main:
         out = stages.stage_dir(o.work_dir, "eval")
         stages.write_json(os.path.join(out, "results.json"), result)
