@@ -74,3 +74,57 @@ def permute_ffn(state, n_layers, seed=0):
 
 def tokens(n_rows=2, T=12, seed=0):
     return np.random.default_rng(seed).integers(3, VOCAB, (n_rows, T))
+
+
+# ---------------------------------------------------------------------------- shared by the MoEfication tests
+def build_assets(root):
+    """The tokenizer, the corpus and a Meta LLaMA-3-shaped dense model under `root` (a test module's fixture)."""
+    tok = tokenizer_dir(root)
+    train, val = corpus(root)
+    meta3 = os.path.join(root, "meta_llama3")
+    args, state = write_dense(meta3, tok, "meta", "llama3")
+    return dict(root=root, tok=tok, train=train, val=val, meta3=meta3, args=args, state=state)
+
+
+def batches(path, tok_dir, seq_len=32, batch_size=4, mode="packed", rank=0, world=1):
+    from Dataset.pretrain_data import pretrain_eval_data
+    from Models.tokenizer import load_tokenizer
+    data = pretrain_eval_data(path, load_tokenizer(tok_dir), seq_len, batch_size, mode, rank=rank, world_size=world,
+                              cache=False, progress=False)
+    return [b for b, _ in data.batches()]
+
+
+def load(path):
+    from Models.llama_adapter import LLaMA_adapter
+    return LLaMA_adapter.from_pretrained(path, trainable="none")
+
+
+def features(a, work, model_dir=None, **kw):
+    from Models.moefication.collect import collect_features
+    model = load(model_dir or a["meta3"])
+    kw.setdefault("max_tokens", 3000)
+    return collect_features(model, batches(a["train"], a["tok"]), work, [0, 1], kw.pop("activation", "product"),
+                            progress=False, **kw)
+
+
+def split_convert(a, work, method, k, state=None, args=None, metric="l2", out=None):
+    """Split `a`'s dense model into 8 groups per layer and convert it with top-k = k, routers at their centroid
+    initialisation (no features or gate stage needed, except features for the graph split)."""
+    from Models.moefication.convert import convert
+    from Models.moefication.stages import split_model
+    co = None
+    if method == "graph":
+        from Models.moefication.coactivation import CoactivationAccumulator
+        from Models.moefication.collect import iter_layer_activations
+        features(a, work)
+
+        def co(layer):
+            acc = CoactivationAccumulator(192, "positive")
+            for h in iter_layer_activations(work, layer):
+                acc.update(h)
+            return acc
+    args, state = args or a["args"], state or a["state"]
+    split_model(args, state, work, 8, method, "gate", metric, seed=0, coactivation=co, log=lambda *_: None)
+    out = out or os.path.join(work, "converted")
+    convert(args, state, work, out, a["meta3"], num_selects=k, use_gate=False, log=lambda *_: None)
+    return out

@@ -18,54 +18,11 @@ ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIR
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("moefy"))
-    tok = A.tokenizer_dir(root)
-    train, val = A.corpus(root)
-    meta3 = os.path.join(root, "meta_llama3")
-    args, state = A.write_dense(meta3, tok, "meta", "llama3")
-    return dict(root=root, tok=tok, train=train, val=val, meta3=meta3, args=args, state=state)
+    return A.build_assets(str(tmp_path_factory.mktemp("moefy")))
 
 
-def _batches(path, tok_dir, seq_len=32, batch_size=4, mode="packed", rank=0, world=1):
-    from Dataset.pretrain_data import pretrain_eval_data
-    from Models.tokenizer import load_tokenizer
-    data = pretrain_eval_data(path, load_tokenizer(tok_dir), seq_len, batch_size, mode, rank=rank, world_size=world,
-                              cache=False, progress=False)
-    return [b for b, _ in data.batches()]
-
-
-def _load(path):
-    from Models.llama_adapter import LLaMA_adapter
-    return LLaMA_adapter.from_pretrained(path, trainable="none")
-
-
-def _features(a, work, model_dir=None, **kw):
-    from Models.moefication.collect import collect_features
-    model = _load(model_dir or a["meta3"])
-    kw.setdefault("max_tokens", 3000)
-    return collect_features(model, _batches(a["train"], a["tok"]), work, [0, 1], kw.pop("activation", "product"),
-                            progress=False, **kw)
-
-
-def _split_convert(a, work, method, k, state=None, args=None, metric="l2", out=None):
-    from Models.moefication.convert import convert
-    from Models.moefication.stages import split_model
-    co = None
-    if method == "graph":
-        from Models.moefication.coactivation import CoactivationAccumulator
-        from Models.moefication.collect import iter_layer_activations
-        _features(a, work)
-
-        def co(layer):
-            acc = CoactivationAccumulator(192, "positive")
-            for h in iter_layer_activations(work, layer):
-                acc.update(h)
-            return acc
-    args, state = args or a["args"], state or a["state"]
-    split_model(args, state, work, 8, method, "gate", metric, seed=0, coactivation=co, log=lambda *_: None)
-    out = out or os.path.join(work, "converted")
-    convert(args, state, work, out, a["meta3"], num_selects=k, use_gate=False, log=lambda *_: None)
-    return out
+# shared with tests/test_moefy_math_eval.py (tests/moefy_assets.py)
+_batches, _load, _features, _split_convert = A.batches, A.load, A.features, A.split_convert
 
 
 @pytest.mark.parametrize("method,metric", [("random", "l2"), ("contiguous", "l2"), ("kmeans", "l2"), ("kmeans", "cos"),
