@@ -17,10 +17,11 @@ off. Values: 1/true/yes/on or 0/false/no/off; anything else is an error at start
 | MOA_GROUPED_EXPERTS | grouped_experts | MoE experts on their token blocks straight from the stacked weights |
 | MOA_FUSED_ADAPTERS | fused_adapters | decode-time router, LoRA, prompt and parallel adapter (adapter_kernels.py) |
 
-`few_rows` and `fused_adapters` default to on only on CPUs with 512-bit vectors (AVX-512F): their dot products use
-16-float vectors, which GCC splits on an AVX2-only CPU, where they ran 4x slower than oneDNN (the vocabulary head of
-bench/generate.py's shape at 8 rows: 104 ms against 26 ms on a 2-core AMD EPYC without AVX-512). Setting the variable
-to 1 switches them on anywhere (the tests do, so every machine checks them).
+The few-rows kernels' dot products accumulate in one vector register per row: 16 floats with AVX-512, 8 with AVX2
+(`MOA_VW` in Models/kernels.py). Until the 8-float variant they were on by default only with AVX-512F: 16-float
+vectors split in two on an AVX2-only CPU ran 4x slower than oneDNN (the vocabulary head [8, 512] x [128256, 512]^T:
+104 ms against 26 ms on a 2-core AMD EPYC); with 8-float vectors the same head takes 12.7 ms against oneDNN's 30 ms
+there (bench/RESULTS.md), so every kernel defaults to on everywhere.
 
 `used` counts, per field, how many times a kernel was chosen while building graphs: tests read it to make sure a
 comparison "kernel on vs off" really exercised the kernel.
@@ -53,27 +54,10 @@ class KernelConfig:
         return "MOA_FEW_ROWS_KERNEL" if field == "few_rows" else "MOA_" + field.upper()
 
     @classmethod
-    def from_env(cls, environ=None, wide_vectors=None):
+    def from_env(cls, environ=None):
         environ = os.environ if environ is None else environ
-        wide = _wide_vectors() if wide_vectors is None else wide_vectors
         default = _parse(environ, "MOA_KERNELS", True)
-        return cls(**{f.name: _parse(environ, cls.env_name(f.name), default and (wide or f.name not in WIDE_ONLY))
-                      for f in dataclasses.fields(cls)})
-
-
-WIDE_ONLY = ("few_rows", "fused_adapters")   # on by default only with 512-bit vectors (module notes)
-
-
-def _wide_vectors():
-    """True when the CPU has AVX-512F, or when its flags cannot be read (not Linux/x86: keep the kernels' default)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512f" in line.split()
-    except OSError:
-        pass
-    return True
+        return cls(**{f.name: _parse(environ, cls.env_name(f.name), default) for f in dataclasses.fields(cls)})
 
 
 def _parse(environ, name, default):

@@ -9,10 +9,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The decode-time kernels are on by default only on AVX-512 CPUs (Models/kernel_config.py); the tests switch them on
-# everywhere, before any module reads the switches, so every machine checks them (subprocesses inherit this).
-for _name in ("MOA_FEW_ROWS_KERNEL", "MOA_FUSED_ADAPTERS"):
-    os.environ.setdefault(_name, "1")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

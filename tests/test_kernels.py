@@ -151,11 +151,7 @@ def test_kernel_switches_parse_once_from_the_environment():
     assert KernelConfig.from_env({"MOA_KERNELS": "0", "MOA_FUSED_ROPE": "1"}).fused_rope
     with pytest.raises(UserError, match="MOA_FUSED_NORM"):
         KernelConfig.from_env({"MOA_FUSED_NORM": "maybe"})
-    # the decode-time kernels default to on with 512-bit vectors only; the variable switches them on anywhere
-    assert all(vars(KernelConfig.from_env({}, wide_vectors=True)).values())
-    narrow = KernelConfig.from_env({}, wide_vectors=False)
-    assert not narrow.few_rows and not narrow.fused_adapters and narrow.fused_head and narrow.grouped_experts
-    assert KernelConfig.from_env({"MOA_FEW_ROWS_KERNEL": "1"}, wide_vectors=False).few_rows
+    assert all(vars(KernelConfig.from_env({})).values())   # every kernel defaults to on, on every CPU
 
 
 def test_swiglu_matches_numpy(jt):
