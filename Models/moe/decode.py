@@ -5,7 +5,8 @@ Why: while generating, an MoE layer sees one row per sequence. The generic path 
 grouped experts → gather back) is a dozen small Jittor ops whose fixed cost, ~0.5–2 ms per layer here, is larger
 than the expert work itself at small and medium widths, so a k/E = 25 % MoEfied FFN came out slower than the dense
 one it was cut from (bench/moefy_ffn.py). Under no_grad in eval mode, with at most FEW_ROWS_MAX rows, no capacity
-limit and fp32 on the CPU, `MoEFeedForward` calls `few_rows_moe` instead, which does in one pass:
+limit, fp32 on the CPU and a width up to WIDE_DIM (or a single row), `MoEFeedForward` calls `few_rows_moe` instead,
+which does in one pass:
 
 1. per row, the k experts of largest score — probabilities for scoring "softmax_topk", logits otherwise — ties to
    the lower index, and their weights exactly as `selection.select` forms them (softmax over all experts, optionally
@@ -158,6 +159,11 @@ static inline void moe_rows(const float* x, int64_t M, int64_t K, const float* w
 }
 """
 _MODES = {"softmax_topk": 0, "topk_softmax": 1, "topk_unweighted": 2}
+# Above this width the generic path (oneDNN GEMMs per expert) wins from 2 rows on: a token row no longer fits in L1
+# beside the weight stream (bench/moefy_ffn.py on the AMD EPYC VM, quiet, top-4 of 16, batch 2/4/8: d 4096 kernel
+# 7.2/13.8/23.2 ms against generic 5.6/10.4/16.5; d 2048 1.2/3.0/4.7 against 1.5/3.1/4.9; d 1024 and 512 the kernel
+# 1.5-2x faster).
+WIDE_DIM = 2048
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,6 +181,7 @@ def few_rows_moe_applies(layer, x2d):
     ex = layer.experts
     return (jt.flags.no_grad and not layer.is_training() and not jt.flags.use_cuda
             and enabled("few_rows") and jt.flags.cc_type in ("g++", "clang") and x2d.shape[0] <= FEW_ROWS_MAX
+            and (x2d.shape[1] <= WIDE_DIM or x2d.shape[0] == 1)
             and layer.cfg.scoring in _MODES and layer.cfg.capacity(1, layer.n_experts) == 0
             and x2d.dtype == "float32" and all(w.dtype == "float32" for w in ex._weights())
             and layer.cfg.top_k <= layer.n_experts)
