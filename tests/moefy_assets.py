@@ -128,3 +128,14 @@ def split_convert(a, work, method, k, state=None, args=None, metric="l2", out=No
     out = out or os.path.join(work, "converted")
     convert(args, state, work, out, a["meta3"], num_selects=k, use_gate=False, log=lambda *_: None)
     return out
+
+
+def moefy_error(capsys, argv):
+    """The one-line error `moefy.py argv` prints (exit status 2), asserted to be one line."""
+    import pytest
+    import moefy
+    with pytest.raises(SystemExit) as e:
+        moefy.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests import moefy_assets as A
+from tests.moefy_assets import moefy_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
@@ -182,45 +183,37 @@ def test_features_under_mpirun_share_the_rows(assets, tmp_path):
         assert np.allclose(h1[order(x1)], h2[order(x2)], atol=1e-5)
 
 
-def _error(capsys, argv):
-    import moefy
-    with pytest.raises(SystemExit) as e:
-        moefy.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_bad_inputs_are_one_line_errors_naming_the_file(assets, tmp_path, capsys):
     m, w = assets["meta3"], str(tmp_path / "w")
     common = ["--model", m, "--work_dir", w, "--progress", "false"]
-    assert "--num_experts" in _error(capsys, ["split"] + common + ["--num_experts", "7"])       # 7 ∤ 192
-    assert os.path.join(w, "split", "split.json") in _error(capsys, ["gate"] + common)
-    assert os.path.join(w, "split", "split.json") in _error(capsys, ["convert"] + common)
-    assert os.path.join(w, "converted", "moefication.json") in _error(
+    assert "--num_experts" in moefy_error(capsys, ["split"] + common + ["--num_experts", "7"])       # 7 ∤ 192
+    assert os.path.join(w, "split", "split.json") in moefy_error(capsys, ["gate"] + common)
+    assert os.path.join(w, "split", "split.json") in moefy_error(capsys, ["convert"] + common)
+    assert os.path.join(w, "converted", "moefication.json") in moefy_error(
         capsys, ["evaluate"] + common + ["--data", assets["val"]])
     # a split of one model, used with another
     other = str(tmp_path / "other")
     A.write_dense(other, assets["tok"], "meta", "llama3", seed=5)
     import moefy
     moefy.main(["split"] + common + ["--num_experts", "8"])
-    err = _error(capsys, ["convert", "--model", other, "--work_dir", w, "--use_gate", "false", "--num_selects", "2"])
+    err = moefy_error(capsys, ["convert", "--model", other, "--work_dir", w, "--use_gate", "false",
+                               "--num_selects", "2"])
     assert os.path.join(w, "split", "split.json") in err and "other weights" in err
     # features of another model, and a gate stage without features
-    assert os.path.join(w, "features", "features.json") in _error(capsys, ["gate"] + common)
+    assert os.path.join(w, "features", "features.json") in moefy_error(capsys, ["gate"] + common)
     moefy.main(["features"] + common + ["--data", assets["train"], "--max_tokens", "500", "--seq_len", "16"])
-    err = _error(capsys, ["features", "--model", other, "--work_dir", w, "--data", assets["train"], "--progress",
+    err = moefy_error(capsys, ["features", "--model", other, "--work_dir", w, "--data", assets["train"], "--progress",
                           "false"])
     assert os.path.join(w, "features", "features.json") in err
     # a damaged label file
     np.save(os.path.join(w, "split", "layer_000.npy"), np.zeros(192, np.int64))
-    err = _error(capsys, ["gate"] + common)
+    err = moefy_error(capsys, ["gate"] + common)
     assert os.path.join(w, "split", "layer_000.npy") in err
     # a gate trained on another split is refused by convert
     moefy.main(["split"] + common + ["--num_experts", "8", "--seed", "1"])
     moefy.main(["gate"] + common + ["--epochs", "1", "--num_selects", "2"])
     moefy.main(["split"] + common + ["--num_experts", "8", "--seed", "2"])
-    assert os.path.join(w, "gate", "gate.json") in _error(capsys, ["convert"] + common)
+    assert os.path.join(w, "gate", "gate.json") in moefy_error(capsys, ["convert"] + common)
 
 
 def test_every_moefy_boolean_flag_takes_both_forms_and_bad_values_are_one_line():

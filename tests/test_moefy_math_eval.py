@@ -9,6 +9,7 @@ import os
 import pytest
 
 from tests import moefy_assets as A
+from tests.moefy_assets import moefy_error
 from tests.conftest import DATA, run_script
 
 METHODS = ("ground_truth", "router", "similarity", "random")
@@ -148,31 +149,23 @@ def test_picture_gains_an_accuracy_panel(evaluated, tmp_path):
     assert os.path.getsize(str(tmp_path / "with.png")) > 1000
 
 
-def _error(capsys, argv):
-    import moefy
-    with pytest.raises(SystemExit) as e:
-        moefy.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_bad_math_flags_are_one_line_errors(tmp_path, capsys):
     w = str(tmp_path / "w")
     ev = ["evaluate", "--model", "m", "--work_dir", w, "--data", "d"]
-    err = _error(capsys, ev + ["--math_sets", "gsm8k,nosuchset"])
+    err = moefy_error(capsys, ev + ["--math_sets", "gsm8k,nosuchset"])
     assert err.startswith("error: --math_sets:") and "'nosuchset'" in err and "gsm8k" in err
     missing = str(tmp_path / "nowhere" / "test.json")
-    assert _error(capsys, ev + ["--math_sets", missing]) == "error: --math_sets: %s: data file not found" % missing
+    assert moefy_error(capsys, ev + ["--math_sets", missing]) == "error: --math_sets: %s: data file not found" % missing
     bad = tmp_path / "bad" / "test.json"
     bad.parent.mkdir()
     bad.write_text(json.dumps([{"instruction": "2+2?", "input": ""}]))      # no answer
-    err = _error(capsys, ev + ["--math_sets", str(bad)])
+    err = moefy_error(capsys, ev + ["--math_sets", str(bad)])
     assert err.startswith("error: --math_sets:") and str(bad) in err
     for n in ("0", "-3"):
-        assert "--math_examples must be >= 1" in _error(capsys, ev + ["--math_sets", "AddSub", "--math_examples", n])
-    assert "--max_gen_len" in _error(capsys, ev + ["--math_sets", "AddSub", "--max_gen_len", "0"])
-    assert "--prompt_template" in _error(capsys, ev + ["--math_sets", "AddSub", "--prompt_template", "completion"])
+        err = moefy_error(capsys, ev + ["--math_sets", "AddSub", "--math_examples", n])
+        assert "--math_examples must be >= 1" in err
+    assert "--max_gen_len" in moefy_error(capsys, ev + ["--math_sets", "AddSub", "--max_gen_len", "0"])
+    assert "--prompt_template" in moefy_error(capsys, ev + ["--math_sets", "AddSub", "--prompt_template", "completion"])
     # `all` checks them before its first stage, and the command line prints one line with status 2
     r = run_script("moefy.py", ["all", "--model", "m", "--work_dir", w, "--data", "d", "--eval_data", "e",
                                 "--math_sets", "AddSub", "--math_examples", "0"], timeout=120)
