@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.optim import AdamW, LossScaler, clip_by_global_norm, global_norm, param_groups
+from engine.optim import AdamW, LossScaler, clip_coefficient, global_norm, param_groups
 from Utils import distributed as dist
 from Utils.errors import UserError
 from Utils.metric_logger import MetricLogger, TrainReporter
@@ -210,18 +210,19 @@ class Trainer:
         record = {"loss": means[0], **dict(zip(names, means[1:])), "lr": lr}
         if not math.isfinite(record["loss"]):
             raise NonFiniteLoss(self.state.step + 1, record["loss"])
-        finite = True
+        finite, grad_scale = True, 1.0
         if cfg.clip_grad or self.scaler.enabled:
             norm = global_norm(grads)
-            grads, finite = self.scaler.unscale_and_check(grads, norm)
-            norm = norm / self.scaler.scale if finite else norm
+            finite = math.isfinite(norm)
+            if finite and self.scaler.enabled:   # unscale: the norm here, the gradients inside the update
+                norm, grad_scale = norm / self.scaler.scale, 1.0 / self.scaler.scale
             record["grad_norm"] = norm
             if cfg.clip_grad and finite:
-                grads, _ = clip_by_global_norm(grads, cfg.clip_grad, norm)
+                grad_scale *= clip_coefficient(cfg.clip_grad, norm)
         if finite:
             pending = {n: g for (n, _), g in zip(self.named, grads) if n not in self.gradientless}
             del acc, reduced, grads   # the optimizer releases each gradient once applied; hold no other reference
-            self.optimizer.step(pending)
+            self.optimizer.step(pending, grad_scale)
         else:
             self.state.skipped_steps += 1
             record["skipped"] = True

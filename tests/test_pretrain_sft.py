@@ -244,7 +244,8 @@ def test_aux_loss_reaches_the_optimizer_with_its_coefficient(jt, tmp_path):
     for coef in (0.0, 0.5):
         model = tiny_model(jt, aux_switch=coef)
         tr = _trainer(model, _Rows(rows, 4), 1e-3, 1, str(tmp_path), clip_grad=0.0)   # gradients as computed
-        tr.optimizer.step = lambda g, coef=coef: grads.__setitem__(coef, {k: v.numpy() for k, v in g.items()})
+        tr.optimizer.step = lambda g, scale=1.0, coef=coef: grads.__setitem__(
+            coef, {k: v.numpy() * scale for k, v in g.items()})
         rec = tr.optimizer_step(batch, 1e-3, 0, 0)
         if coef:
             assert rec["loss"] == pytest.approx(rec["lm"] + coef * rec["aux_switch"], rel=1e-6)

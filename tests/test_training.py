@@ -160,9 +160,9 @@ def test_gradient_accumulation_equals_large_batch(jt, tokenizer):
     from engine_finetune import AdamW, param_groups, train_one_epoch
 
     class RecordingAdamW(AdamW):  # keeps the gradient handed to every optimizer step
-        def step(self, grads):
-            self.seen.append({n: g.numpy().copy() for n, g in grads.items()})
-            return super().step(grads)
+        def step(self, grads, grad_scale=1.0):
+            self.seen.append({n: g.numpy() * grad_scale for n, g in grads.items()})
+            return super().step(grads, grad_scale)
 
     results, grads = [], []
     for bs, accum in ((4, 1), (2, 2)):

@@ -33,8 +33,8 @@ class CaptureOptimizer:
     def set_lr(self, lr):
         pass
 
-    def step(self, grads):
-        self.grads = {k: g.numpy().copy() for k, g in grads.items()}
+    def step(self, grads, grad_scale=1.0):
+        self.grads = {k: g.numpy() * grad_scale for k, g in grads.items()}
 
 
 def _trainer(model, tmp_path, optimizer=None, lr=1e-2):
