@@ -1,9 +1,9 @@
 """Which of the project's CPU kernels may run: one configuration, read once from the environment at import.
 
-Every kernel in `Models/kernels.py`, `Models/adapter_kernels.py`, `Models/losses.py` and `Models/moe/experts.py`
-has a Jittor fall-back and runs only where it applies (fp32 on the CPU, with g++/clang, and oneDNN where it calls
-dnnl_sgemm). On top of that each can be switched off for comparison or debugging; `MOA_KERNELS=0` switches them all
-off. Values: 1/true/yes/on or 0/false/no/off; anything else is an error at start-up.
+Every kernel in `Models/kernels.py`, `Models/adapter_kernels.py`, `Models/losses.py`, `Models/moe/` and
+`engine/optim.py` has a Jittor fall-back and runs only where it applies (fp32 on the CPU, with g++/clang, and oneDNN
+where it calls dnnl_sgemm). On top of that each can be switched off for comparison or debugging; `MOA_KERNELS=0`
+switches them all off. Values: 1/true/yes/on or 0/false/no/off; anything else is an error at start-up.
 
 | environment variable | field | kernel |
 |---|---|---|
@@ -16,6 +16,7 @@ off. Values: 1/true/yes/on or 0/false/no/off; anything else is an error at start
 | MOA_FEW_ROWS_KERNEL | few_rows | decode-time projections and head that stream each weight once for all sequences |
 | MOA_GROUPED_EXPERTS | grouped_experts | MoE experts on their token blocks straight from the stacked weights |
 | MOA_FUSED_ADAPTERS | fused_adapters | decode-time router, LoRA, prompt and parallel adapter (adapter_kernels.py) |
+| MOA_GRAD_NORM | grad_norm | each gradient's sum of squares for the global norm, multi-threaded (engine/optim.py) |
 
 The few-rows kernels' dot products accumulate in one vector register per row: 16 floats with AVX-512, 8 with AVX2
 (`MOA_VW` in Models/kernels.py). Until the 8-float variant they were on by default only with AVX-512F: 16-float
@@ -48,6 +49,7 @@ class KernelConfig:
     few_rows: bool = True
     grouped_experts: bool = True
     fused_adapters: bool = True
+    grad_norm: bool = True
 
     @staticmethod
     def env_name(field):

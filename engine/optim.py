@@ -109,15 +109,45 @@ def clip_coefficient(max_norm, norm):
     return 1.0 if coef >= 1.0 or not math.isfinite(norm) else coef
 
 
+# Σ g² of one fp32 gradient on the CPU, multi-threaded: float partial sums of 4096-element blocks, added in double in
+# block order, so the value does not depend on the thread count. Jittor's own reduction runs on one core in float32
+# (25 ms against 4 ms for 30 M gradients, and 0.2 % low from float32 accumulation).
+_SQUARES_SRC = r"""
+    const int64_t n = in0_shape0, B = 4096, nb = (n + B - 1) / B;
+    const float* __restrict__ g = in0_p;
+    std::vector<float> part(nb);
+    #pragma omp parallel for schedule(static) if(n > 65536)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t e = (b + 1) * B < n ? (b + 1) * B : n;
+        float acc = 0.f;
+        for (int64_t i = b * B; i < e; i++) acc += g[i] * g[i];
+        part[b] = acc;
+    }
+    double s = 0.0;
+    for (int64_t b = 0; b < nb; b++) s += part[b];
+    out0_p[0] = (float)s;
+"""
+
+
+def _sum_of_squares(g):
+    from Models.kernel_config import enabled, note_used
+    if (g.dtype == "float32" and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
+            and enabled("grad_norm")):
+        note_used("grad_norm")
+        n = 1
+        for s in g.shape:
+            n *= s
+        return jt.code((1,), "float32", [g.reshape(n)], cpu_header="#include <vector>\n", cpu_src=_SQUARES_SRC)
+    return (g.float32() * g.float32()).sum().reshape(1)
+
+
 def global_norm(grads):
-    """sqrt(Σ‖g‖²) over a list of gradient Vars, as a Python float (one sync)."""
+    """sqrt(Σ‖g‖²) over a list of gradient Vars, as a Python float (one sync; the per-gradient sums are added in
+    float64 on the host)."""
     if not grads:
         return 0.0
-    total = None
-    for g in grads:
-        s = (g.float32() * g.float32()).sum()
-        total = s if total is None else total + s
-    return math.sqrt(max(float(total.item()), 0.0))
+    sums = jt.concat([_sum_of_squares(g) for g in grads]).numpy().astype(np.float64)
+    return math.sqrt(max(float(sums.sum()), 0.0))
 
 
 def clip_by_global_norm(grads, max_norm, norm=None):

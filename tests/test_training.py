@@ -110,6 +110,24 @@ def test_adamw_matches_numpy_reference(jt):
 
 
 # ----------------------------------------------------------------------------------------------- data
+@pytest.mark.parametrize("kernel", [True, False])
+def test_global_norm_equals_float64_numpy(jt, kernel):
+    """The clipping norm over gradients of many sizes (tiny, not a multiple of the 4096-element block, large enough
+    for the threads) equals numpy's float64 value, with the multi-threaded kernel and with Jittor's reduction."""
+    from engine.optim import global_norm
+    from Models import kernel_config
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(n).astype(np.float32) * s for n, s in ((5, 1.0), (4097, 1e-3), (300001, 2.0),
+                                                                         (64 * 70, 1e-20))]
+    grads.append(rng.standard_normal((257, 300)).astype(np.float32))
+    want = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    before = kernel_config.used["grad_norm"]
+    with kernel_config.override(grad_norm=kernel):
+        got = global_norm([jt.array(g) for g in grads])
+    assert (kernel_config.used["grad_norm"] > before) == kernel
+    assert got == pytest.approx(want, rel=2e-6 if kernel else 1e-4)
+
+
 def test_shards_are_disjoint_and_cover_each_global_batch():
     from Dataset.finetune_dataset import EvalData, FinetuneData
     examples = [([i, i + 1], [-100, i + 1]) for i in range(23)]
