@@ -29,7 +29,8 @@ assert dist.main_decides(r == 0) is True and dist.main_decides(r == 1) is False
 g = dist.all_reduce_grads_mean([jt.array(np.full((2, 3), r, np.float32)), jt.array(np.array([2.0 * r], np.float32))])
 assert np.allclose(g[0].numpy(), 0.5) and np.allclose(g[1].numpy(), 1.0)
 dist.barrier()
-print("OK", r)
+# one write: an unbuffered print("OK", r) writes its four pieces apart, and two ranks' pieces can interleave
+sys.stdout.write("OK %%d\n" %% r)
 """
 
 
