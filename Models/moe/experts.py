@@ -39,7 +39,8 @@ _ACT_C = {
 
 def _header(act):
     f, df = _ACT_C[act]
-    return ("#include <cmath>\n#include <cstring>\n#include <vector>\n" + DNNL_SGEMM_DECL + r"""
+    return ("#include <algorithm>\n#include <cmath>\n#include <cstring>\n#include <omp.h>\n#include <vector>\n"
+            + DNNL_SGEMM_DECL + r"""
 static inline float moe_sigmoid(float a) {
     const float e = expf(-fabsf(a)), inv = 1.f / (1.f + e);
     return a < 0.f ? e * inv : inv;
@@ -51,6 +52,43 @@ static inline bool moe_offsets_ok(const int32_t* ro, int64_t E, int64_t M) {
     if (ro[0] != 0) return false;
     for (int64_t e = 0; e < E; e++) if (ro[e + 1] < ro[e]) return false;
     return ro[E] <= M;
+}
+// Experts to threads. With at least as many experts as threads, the experts are dealt out longest first (work =
+// rows x width) to the least loaded thread; if every thread's share stays within 5/4 of an even split, each thread
+// runs its experts whole, and oneDNN's sgemm, called inside the parallel region, runs single-threaded: one small
+// GEMM per core instead of every GEMM split over the cores. Each expert's arithmetic is then the same whichever
+// thread runs it. Otherwise (few experts, or one expert holding most rows) plan stays empty: the experts run one
+// after another with multi-threaded GEMMs.
+static inline void moe_plan(const int32_t* ro, const int32_t* wo, int64_t E, bool ok,
+                            std::vector<std::vector<int64_t>>& plan) {
+    plan.clear();
+    const int T = omp_get_max_threads();
+    if (!ok || T < 2 || E < T) return;
+    std::vector<int64_t> order(E), load(T, 0);
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; e++) { order[e] = e; total += (int64_t)(ro[e + 1] - ro[e]) * (wo[e + 1] - wo[e]); }
+    if (total == 0) return;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
+        return (int64_t)(ro[p + 1] - ro[p]) * (wo[p + 1] - wo[p]) > (int64_t)(ro[q + 1] - ro[q]) * (wo[q + 1] - wo[q]);
+    });
+    plan.assign(T, std::vector<int64_t>());
+    for (int64_t e : order) {
+        int t = 0;
+        for (int u = 1; u < T; u++) if (load[u] < load[t]) t = u;
+        load[t] += (int64_t)(ro[e + 1] - ro[e]) * (wo[e + 1] - wo[e]);
+        plan[t].push_back(e);
+    }
+    for (int t = 0; t < T; t++) if (load[t] * 4 * T > total * 5) { plan.clear(); return; }
+}
+// Run one(e, thread) for every expert: by the plan on its threads, or in order on thread 0.
+template <class F>
+static inline void moe_each_expert(const std::vector<std::vector<int64_t>>& plan, int64_t E, F one) {
+    if (plan.empty()) { for (int64_t e = 0; e < E; e++) one(e, 0); return; }
+    #pragma omp parallel num_threads((int)plan.size())
+    {
+        const int t = omp_get_thread_num();
+        for (int64_t e : plan[t]) one(e, t);
+    }
 }
 """ % (f, df))
 
@@ -65,22 +103,25 @@ _FWD = r"""
     const bool ok = moe_offsets_ok(ro, E, M);
     int64_t maxn = 0;
     if (ok) for (int64_t e = 0; e < E; e++) maxn = ro[e + 1] - ro[e] > maxn ? ro[e + 1] - ro[e] : maxn;
-    std::vector<float> hbuf((size_t)(maxn * FM > 0 ? maxn * FM : 1));
-    float* h = hbuf.data();
-    for (int64_t e = 0; ok && e < E; e++) {
+    std::vector<std::vector<int64_t>> plan;
+    moe_plan(ro, wo, E, ok, plan);
+    const size_t per = (size_t)(maxn * FM > 0 ? maxn * FM : 1);
+    std::vector<float> hbuf(per * (plan.empty() ? 1 : plan.size()));
+    if (ok) moe_each_expert(plan, E, [&](int64_t e, int t) {
         const int64_t r0 = ro[e], n = ro[e + 1] - r0, f0 = wo[e], F = wo[e + 1] - f0;
-        if (n == 0) continue;
-        if (F == 0) { memset(y + r0 * D, 0, sizeof(float) * n * D); continue; }
+        float* h = hbuf.data() + per * t;
+        if (n == 0) return;
+        if (F == 0) { memset(y + r0 * D, 0, sizeof(float) * n * D); return; }
         dnnl_sgemm('N', 'T', n, F, D, 1.f, x + r0 * D, D, w1 + f0 * D, D, 0.f, a + r0 * FM, FM);
         %(gated_up)s
-        #pragma omp parallel for schedule(static) if(n * F > 32768)
+        #pragma omp parallel for schedule(static) if(plan.empty() && n * F > 32768)
         for (int64_t i = 0; i < n; i++) {
             const float* ai = a + (r0 + i) * FM;
             float* hi = h + i * FM;
             %(gated_h)s
         }
         dnnl_sgemm('N', 'N', n, D, F, 1.f, h, FM, w2 + f0 * D, D, 0.f, y + r0 * D, D);
-    }
+    });
     const int64_t tail0 = ok ? ro[E] : 0;
     if (M > tail0) memset(y + tail0 * D, 0, sizeof(float) * (M - tail0) * D);
 """
@@ -102,19 +143,23 @@ _BWD = r"""
     const bool ok = moe_offsets_ok(ro, E, M);
     int64_t maxn = 0;
     if (ok) for (int64_t e = 0; e < E; e++) maxn = ro[e + 1] - ro[e] > maxn ? ro[e + 1] - ro[e] : maxn;
-    const size_t buf = (size_t)(maxn * FM > 0 ? maxn * FM : 1);
-    std::vector<float> hbuf(%(need_dw)d ? buf : 1), dabuf(buf), dbbuf(%(gated)d ? buf : 1);
-    float *h = hbuf.data(), *da = dabuf.data(), *db = dbbuf.data();
-    for (int64_t e = 0; e < E; e++) {
+    std::vector<std::vector<int64_t>> plan;
+    moe_plan(ro, wo, E, ok, plan);
+    const size_t per = (size_t)(maxn * FM > 0 ? maxn * FM : 1), nt = plan.empty() ? 1 : plan.size();
+    std::vector<float> hbuf(%(need_dw)d ? per * nt : 1), dabuf(per * nt), dbbuf(%(gated)d ? per * nt : 1);
+    moe_each_expert(plan, E, [&](int64_t e, int t) {
         const int64_t r0 = ok ? ro[e] : 0, n = ok ? ro[e + 1] - r0 : 0, f0 = wo[e], F = wo[e + 1] - f0;
+        float *h = hbuf.data() + (%(need_dw)d ? per * t : 0), *da = dabuf.data() + per * t;
+        float* db = dbbuf.data() + (%(gated)d ? per * t : 0);
+        (void)h; (void)db;
         if (n == 0 || F == 0) {   // an expert without tokens gets an exact zero gradient
             %(zero_dw)s
             if (n) memset(dx + r0 * D, 0, sizeof(float) * n * D);
-            continue;
+            return;
         }
         const float* ge = g + r0 * D;
         dnnl_sgemm('N', 'T', n, F, D, 1.f, ge, D, w2 + f0 * D, D, 0.f, da, FM);          // dh = g·w2ᵀ
-        #pragma omp parallel for schedule(static) if(n * F > 32768)
+        #pragma omp parallel for schedule(static) if(plan.empty() && n * F > 32768)
         for (int64_t i = 0; i < n; i++) {
             const float* ai = a + (r0 + i) * FM;
             float* di = da + i * FM;
@@ -124,7 +169,7 @@ _BWD = r"""
         %(dw)s
         dnnl_sgemm('N', 'N', n, D, F, 1.f, da, FM, w1 + f0 * D, D, 0.f, dx + r0 * D, D);
         %(dx3)s
-    }
+    });
     const int64_t tail0 = ok ? ro[E] : 0;
     if (M > tail0) memset(dx + tail0 * D, 0, sizeof(float) * (M - tail0) * D);
 """
