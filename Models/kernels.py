@@ -6,8 +6,10 @@ The head's cross-entropy kernels are in Models/losses.py.
 Jittor's `jt.matmul` on 3-D/4-D inputs is a fused broadcast-multiply-sum loop on CPU (docs/jittor_notes.md A8); only the
 2-D form is relayed to oneDNN. At the benchmark shape that loop ran attention at ~50 GFLOP/s where oneDNN's sgemm
 gives ~210. `batched_matmul` calls `dnnl_sgemm` once per batch entry from a small JIT kernel, with the
-transposes folded into the GEMM flags (no copies), and defines its gradient with the same kernel. Everything else
-— CUDA (cuBLAS batched GEMM through jt.matmul), non-fp32 dtypes, a Jittor without oneDNN, or
+transposes folded into the GEMM flags (no copies), and defines its gradient with the same kernel. The entries are
+shared out over the threads, each one a single-threaded GEMM: at the seq2seq bench's attention shapes (64 entries
+of 128×32×128 and the like) that ran at 180–210 GFLOP/s where one multi-threaded GEMM after another gave 70–170.
+Everything else — CUDA (cuBLAS batched GEMM through jt.matmul), non-fp32 dtypes, a Jittor without oneDNN, or
 MOA_DNNL_BMM=0 — takes `jt.matmul`.
 
 The kernel reads the shapes at run time, so one compiled kernel per transpose combination serves every shape
@@ -47,9 +49,13 @@ def _gemm_source(ta, tb):
     n = "in0_shape2" if ta else "in0_shape1"
     m = "in0_shape1" if ta else "in0_shape2"
     k = "in1_shape1" if tb else "in1_shape2"
+    # Batch entries are dealt to the threads, each a single-threaded sgemm (oneDNN runs sequentially inside a
+    # parallel region), when they split evenly or are many; a few entries get multi-threaded GEMMs in turn.
     return """
     const int64_t batch = in0_shape0, n = %s, m = %s, k = %s;
     const int64_t sa = in0_shape1 * in0_shape2, sb = in1_shape1 * in1_shape2;
+    const int T = omp_get_max_threads();
+    #pragma omp parallel for schedule(static) if(T > 1 && batch > 1 && (batch %% T == 0 || batch >= 4 * T))
     for (int64_t i = 0; i < batch; i++)
         dnnl_sgemm('%s', '%s', n, k, m, 1.f, in0_p + i * sa, in0_shape2, in1_p + i * sb, in1_shape2,
                    0.f, out0_p + i * n * k, k);
@@ -60,7 +66,8 @@ def _gemm(a, b, ta, tb):
     """op(a) @ op(b) per batch entry, a/b fp32 [batch, rows, cols]; no gradient."""
     n = a.shape[2] if ta else a.shape[1]
     k = b.shape[1] if tb else b.shape[2]
-    return jt.code((a.shape[0], n, k), "float32", [a, b], cpu_header=DNNL_SGEMM_DECL, cpu_src=_gemm_source(ta, tb))
+    return jt.code((a.shape[0], n, k), "float32", [a, b], cpu_header=DNNL_SGEMM_DECL + "#include <omp.h>\n",
+                   cpu_src=_gemm_source(ta, tb))
 
 
 class _BatchedMatmul(jt.Function):

@@ -20,7 +20,7 @@ def path(request, jt):
 
 
 @pytest.mark.parametrize("transpose_b", [False, True])
-@pytest.mark.parametrize("shape", [(3, 5, 7, 4), (1, 1, 16, 9), (2, 33, 8, 1)])  # N, n, m, k
+@pytest.mark.parametrize("shape", [(3, 5, 7, 4), (1, 1, 16, 9), (2, 33, 8, 1), (9, 6, 5, 7)])  # N, n, m, k
 def test_values_and_gradients(jt, path, transpose_b, shape):
     from Models.kernels import batched_matmul
     N, n, m, k = shape
