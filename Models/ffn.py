@@ -6,7 +6,7 @@ set of projections per expert, so those targets are refused there (attention LoR
 attach to any layer).
 """
 from Models.adapter_kernels import add_adapter, lora_swiglu
-from Models.kernels import few_rows_swiglu, swiglu
+from Models.kernels import few_rows_swiglu, relu, swiglu
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -17,7 +17,7 @@ def activation(name, x):
     if name == "silu":
         return nn.silu(x)
     if name == "relu":
-        return nn.relu(x)
+        return relu(x)
     if name == "gelu":
         return 0.5 * x * (1.0 + jt.erf(x * 0.7071067811865476))
     return 0.5 * x * (1.0 + jt.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))   # gelu_tanh

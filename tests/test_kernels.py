@@ -173,6 +173,28 @@ def test_swiglu_matches_numpy(jt):
     np.testing.assert_allclose(du.numpy(), g * a64 * sig, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1, 200, 300)])   # a tail shorter than the vector; the threaded path
+def test_relu_matches_torch_rule(jt, shape):
+    """max(x, 0) and its gradient as torch defines them: exactly 0 at x = 0, g where x > 0, and a NaN passed on
+    forward; the kernel is what the plain FFN calls."""
+    from Models.kernel_config import used
+    from Models.kernels import relu
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan]
+    g = rng.standard_normal(shape).astype(np.float32)
+    before = used["fused_swiglu"]
+    xv = jt.array(x)
+    out = relu(xv)
+    dx = jt.grad((out * jt.array(g)).sum(), xv).numpy()
+    assert used["fused_swiglu"] > before
+    want = np.where(np.isnan(x), np.nan, np.maximum(x, 0))
+    np.testing.assert_array_equal(out.numpy(), want)
+    flat_dx, flat_x, flat_g = dx.reshape(-1), x.reshape(-1), g.reshape(-1)
+    assert flat_dx[0] == 0 and flat_dx[1] == 0
+    np.testing.assert_array_equal(flat_dx[3:], np.where(flat_x[3:] > 0, flat_g[3:], 0))
+
+
 @pytest.mark.parametrize("weight_trainable", [False, True])
 def test_rms_norm_matches_numpy(jt, weight_trainable):
     """RMSNorm through the kernel: value, dx, and dweight when the weight is trainable (pretraining)."""
