@@ -17,6 +17,7 @@ switches them all off. Values: 1/true/yes/on or 0/false/no/off; anything else is
 | MOA_GROUPED_EXPERTS | grouped_experts | MoE experts on their token blocks straight from the stacked weights |
 | MOA_FUSED_ADAPTERS | fused_adapters | decode-time router, LoRA, prompt and parallel adapter (adapter_kernels.py) |
 | MOA_GRAD_NORM | grad_norm | each gradient's sum of squares for the global norm, multi-threaded (engine/optim.py) |
+| MOA_FUSED_ADAMW | fused_adamw | one parameter's AdamW update in one multi-threaded pass (engine/optim.py) |
 
 The few-rows kernels' dot products accumulate in one vector register per row: 16 floats with AVX-512, 8 with AVX2
 (`MOA_VW` in Models/kernels.py). Until the 8-float variant they were on by default only with AVX-512F: 16-float
@@ -50,6 +51,7 @@ class KernelConfig:
     grouped_experts: bool = True
     fused_adapters: bool = True
     grad_norm: bool = True
+    fused_adamw: bool = True
 
     @staticmethod
     def env_name(field):

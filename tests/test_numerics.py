@@ -30,9 +30,19 @@ def _torch_adamw(p0, grads, lrs, wd, betas=(0.9, 0.95), eps=1e-8):
     return p
 
 
+def _adamw_path(jt, kernel):
+    """The AdamW update through its CPU kernel (True) or Jittor's element-wise ops (False)."""
+    from Models import kernel_config
+    if kernel and (jt.flags.use_cuda or jt.flags.cc_type not in ("g++", "clang")):
+        pytest.skip("the AdamW kernel applies to the CPU with g++/clang")
+    return kernel_config.override(fused_adamw=kernel)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999)])
-def test_adamw_step_with_denormal_second_moments_matches_torch(jt, betas):
+def test_adamw_step_with_denormal_second_moments_matches_torch(jt, betas, kernel):
     from engine_finetune import AdamW
+    from Models import kernel_config
     rng = np.random.default_rng(0)
     n = 4096
     # Every element of a large tensor (one fused kernel over many vector lanes) gets a gradient from the list,
@@ -43,10 +53,13 @@ def test_adamw_step_with_denormal_second_moments_matches_torch(jt, betas):
     p0 = rng.normal(size=n).astype(np.float32)
     p = jt.array(p0)
     opt = AdamW([{"named": [("w", p)], "weight_decay": 0.01}], lr=0.0, betas=betas)
-    for g, lr in zip(grads, lrs):
-        opt.param_groups[0]["lr"] = lr
-        opt.step({"w": jt.array(g)})
-        assert np.isfinite(p.numpy()).all(), "AdamW produced a non-finite weight at lr %g" % lr
+    before = kernel_config.used["fused_adamw"]
+    with _adamw_path(jt, kernel):
+        for g, lr in zip(grads, lrs):
+            opt.param_groups[0]["lr"] = lr
+            opt.step({"w": jt.array(g)})
+            assert np.isfinite(p.numpy()).all(), "AdamW produced a non-finite weight at lr %g" % lr
+    assert (kernel_config.used["fused_adamw"] > before) == kernel
     want = _torch_adamw(p0, grads, lrs, 0.01, betas)
     np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=1e-7)
     # The stored moment is PyTorch's (not floored): only the sqrt's input is.
@@ -54,7 +67,8 @@ def test_adamw_step_with_denormal_second_moments_matches_torch(jt, betas):
     assert (v >= 0).all() and np.isfinite(v).all()
 
 
-def test_adamw_single_fused_expression_from_the_report(jt):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_adamw_single_fused_expression_from_the_report(jt, kernel):
     """The report's five values through one AdamW step at lr = 0 and then lr > 0: the weights stay finite and equal
     the float64 formula."""
     from engine_finetune import AdamW
@@ -62,9 +76,10 @@ def test_adamw_single_fused_expression_from_the_report(jt):
     p0 = np.ones(5, np.float32)
     p = jt.array(p0)
     opt = AdamW([{"named": [("w", p)], "weight_decay": 0.0}], lr=0.0)
-    for lr in (0.0, 1e-2):
-        opt.param_groups[0]["lr"] = lr
-        opt.step({"w": jt.array(g)})
+    with _adamw_path(jt, kernel):
+        for lr in (0.0, 1e-2):
+            opt.param_groups[0]["lr"] = lr
+            opt.step({"w": jt.array(g)})
     np.testing.assert_allclose(p.numpy(), _torch_adamw(p0, [g, g], [0.0, 1e-2], 0.0), rtol=1e-6)
 
 

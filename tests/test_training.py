@@ -75,11 +75,13 @@ def _numpy_adamw(params, grads_per_step, lrs, wds, betas=(0.9, 0.95), eps=1e-8):
             v[k] = betas[1] * v[k] + (1 - betas[1]) * g * g
             denom = np.sqrt(v[k]) / np.sqrt(1 - betas[1] ** t) + eps
             p[k] -= lr / (1 - betas[0] ** t) * m[k] / denom
-    return p
+    return p, m, v
 
 
-def test_adamw_matches_numpy_reference(jt):
+@pytest.mark.parametrize("kernel", [True, False])   # the CPU AdamW kernel, and Jittor's element-wise ops
+def test_adamw_matches_numpy_reference(jt, kernel):
     from engine_finetune import AdamW, param_groups
+    from Models import kernel_config
     rng = np.random.default_rng(0)
     init = {"layer.lora_A.weight": rng.normal(size=(4, 8)), "layer.lora_B.weight": rng.normal(size=(8, 4)),
             "layer.router.bias": rng.normal(size=(3,)), "layer.prompt_gate": rng.normal(size=(1, 2, 1, 1)),
@@ -93,13 +95,20 @@ def test_adamw_matches_numpy_reference(jt):
     opt = AdamW(groups, lr=0.0)
     steps = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in init.items()} for _ in range(5)]
     lrs = [0.0, 1e-2, 3e-2, 2e-2, 5e-3]
-    for grads, lr in zip(steps, lrs):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step({k: jt.array(v) for k, v in grads.items()})
-    ref = _numpy_adamw(init, steps, lrs, {k: (0.0 if k in no_decay else wd) for k in init})
+    before = kernel_config.used["fused_adamw"]
+    with kernel_config.override(fused_adamw=kernel):
+        for grads, lr in zip(steps, lrs):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step({k: jt.array(v) for k, v in grads.items()}, grad_scale=0.5)   # a clipping factor
+    assert (kernel_config.used["fused_adamw"] > before) == (kernel and not jt.flags.use_cuda)
+    scaled = [{k: v * np.float32(0.5) for k, v in grads.items()} for grads in steps]
+    ref, ref_m, ref_v = _numpy_adamw(init, scaled, lrs, {k: (0.0 if k in no_decay else wd) for k in init})
     for k, p in named:
         np.testing.assert_allclose(p.numpy(), ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        # the moments show the gradient scale (the update itself hardly depends on it: m/√v is scale-free)
+        np.testing.assert_allclose(opt.state[k]["m"].numpy(), ref_m[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(opt.state[k]["v"].numpy(), ref_v[k], rtol=1e-5, atol=1e-8, err_msg=k)
     assert opt.step_count == 5
     # state round trip
     sd = opt.state_dict()
