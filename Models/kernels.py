@@ -346,10 +346,8 @@ _SOFTMAX_FWD = r"""
         const int64_t lim = S - T + (i % R) % T + 1;   // keys 0 .. lim-1 are visible
         const float* x = in0_p + i * S;
         float* p = out0_p + i * S;
-        float mx = x[0] * scale;
-        for (int64_t s = 1; s < lim; s++) mx = x[s] * scale > mx ? x[s] * scale : mx;
-        float sum = 0.f;
-        for (int64_t s = 0; s < lim; s++) { const float e = expf(x[s] * scale - mx); p[s] = e; sum += e; }
+        for (int64_t s = 0; s < lim; s++) p[s] = x[s] * scale;
+        const float sum = moa_exp_sum_inplace(p, lim, moa_max(p, lim));   // vectorised exp
         const float inv = 1.f / sum;
         for (int64_t s = 0; s < lim; s++) p[s] *= inv;
         for (int64_t s = lim; s < S; s++) p[s] = 0.f;
@@ -372,7 +370,7 @@ _SOFTMAX_BWD = r"""
 
 class _CausalSoftmax(jt.Function):
     def execute(self, scores, t_var, scale_var):
-        p = jt.code(scores.shape, "float32", [scores, t_var, scale_var], cpu_header="#include <cmath>\n#include <cstdint>",
+        p = jt.code(scores.shape, "float32", [scores, t_var, scale_var], cpu_header=VEC_EXP_HEADER,
                     cpu_src=_SOFTMAX_FWD)
         self._saved = (p, scale_var)  # underscore: no public jt.Var attributes (docs/jittor_notes.md A1)
         return p

@@ -445,18 +445,19 @@ def test_cli_errors_are_one_line(tmp_path):
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-800:]
 
 
-@pytest.mark.parametrize("bshape", [(2, 1, 1, 6), (1, 3, 5, 6), (2, 3, 5, 6)])
-def test_fused_biased_softmax_matches_jittor_ops(jt, bshape):
+@pytest.mark.parametrize("S", [6, 37])   # keys: shorter than one 16-lane vector; two vectors and a tail
+@pytest.mark.parametrize("bshape", [(2, 1, 1), (1, 3, 5), (2, 3, 5)])
+def test_fused_biased_softmax_matches_jittor_ops(jt, bshape, S):
     from Models.seq2seq.softmax import biased_softmax, biased_softmax_available
     rng = np.random.default_rng(0)
-    scores = jt.array(rng.standard_normal((6, 5, 6)).astype(np.float32))
-    bias = jt.array(rng.standard_normal(bshape).astype(np.float32))
+    scores = jt.array((rng.standard_normal((6, 5, S)) * 4).astype(np.float32))
+    bias = jt.array(rng.standard_normal(bshape + (S,)).astype(np.float32))
     bias_np = bias.numpy()
     bias_np[..., -1] = -1e9                                              # a masked key
     bias = jt.array(bias_np)
-    w = jt.array(rng.standard_normal((6, 5, 6)).astype(np.float32))
+    w = jt.array(rng.standard_normal((6, 5, S)).astype(np.float32))
     assert biased_softmax_available(scores)
-    z = (scores.reshape(2, 3, 5, 6) * 0.5 + bias).reshape(6, 5, 6)
+    z = (scores.reshape(2, 3, 5, S) * 0.5 + bias).reshape(6, 5, S)
     z = z - z.max(-1, keepdims=True)
     ref = jt.exp(z) / jt.exp(z).sum(-1, keepdims=True)
     got = biased_softmax(scores, bias, 3, 0.5)

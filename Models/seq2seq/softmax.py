@@ -12,6 +12,7 @@ dtypes, MOA_FUSED_SOFTMAX=0) `Attention` uses Jittor's ops.
 import numpy as np
 
 from Models.kernel_config import enabled, note_used
+from Models.kernels import VEC_EXP_HEADER
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -28,10 +29,8 @@ _FWD = r"""
         const float* bias = in1_p + (((Bb == 1 ? 0 : b) * Hb + (Hb == 1 ? 0 : h)) * Tb + (Tb == 1 ? 0 : t)) * S;
         const float* x = in0_p + i * S;
         float* p = out0_p + i * S;
-        float mx = -3.0e38f;
-        for (int64_t s = 0; s < S; s++) { const float v = x[s] * scale + bias[s]; p[s] = v; mx = v > mx ? v : mx; }
-        float sum = 0.f;
-        for (int64_t s = 0; s < S; s++) { const float e = expf(p[s] - mx); p[s] = e; sum += e; }
+        for (int64_t s = 0; s < S; s++) p[s] = x[s] * scale + bias[s];
+        const float sum = moa_exp_sum_inplace(p, S, moa_max(p, S));   // vectorised exp (Models/kernels.py)
         const float inv = 1.f / sum;   // sum >= 1: the maximum contributes exp(0)
         for (int64_t s = 0; s < S; s++) p[s] *= inv;
     }
@@ -49,7 +48,7 @@ _BWD = r"""
         for (int64_t s = 0; s < S; s++) dz[s] = p[s] * (g[s] - dot);
     }
 """
-_HEADER = "#include <cmath>\n#include <cstdint>"
+_HEADER = VEC_EXP_HEADER
 
 
 class _BiasedSoftmax(jt.Function):
