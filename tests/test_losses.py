@@ -40,7 +40,7 @@ def test_value_and_gradients_match_numpy(jt, head_path, weight_trainable):
     h = rng.standard_normal((m, d)).astype(np.float32)
     w = (rng.standard_normal((V, d)) * 0.5).astype(np.float32)
     t = rng.integers(0, V, m)
-    t[:5] = [0, V - 1, 5, 39, 40]  # first and last vocabulary ids, both sides of a chunk boundary
+    t[:6] = [0, V - 1, 5, 39, 40, 5]  # first and last vocabulary ids, both sides of a chunk boundary, a repeat
     hv, wv = jt.array(h), jt.array(w)
     if not weight_trainable:
         wv.stop_grad()
