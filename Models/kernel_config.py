@@ -12,7 +12,7 @@ switches them all off. Values: 1/true/yes/on or 0/false/no/off; anything else is
 | MOA_FUSED_SOFTMAX | fused_softmax | causal attention softmax, forward and backward |
 | MOA_FUSED_NORM | fused_norm | RMSNorm, forward and backward |
 | MOA_FUSED_ROPE | fused_rope | rotary embedding, forward and backward |
-| MOA_FUSED_SWIGLU | fused_swiglu | the FFN's element-wise middle: silu(gate)·up, or relu of a plain FFN; forward and backward |
+| MOA_FUSED_SWIGLU | fused_swiglu | the FFN's middle: silu(gate)·up, or a plain FFN's relu; forward and backward |
 | MOA_FEW_ROWS_KERNEL | few_rows | decode-time projections and head that stream each weight once for all sequences |
 | MOA_GROUPED_EXPERTS | grouped_experts | MoE experts on their token blocks straight from the stacked weights |
 | MOA_FUSED_ADAPTERS | fused_adapters | decode-time router, LoRA, prompt and parallel adapter (adapter_kernels.py) |

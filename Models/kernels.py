@@ -516,8 +516,9 @@ class _Relu(jt.Function):
 
 
 def relu(x):
-    """max(x, 0), differentiable (gradient 0 at 0 and NaN kept, as torch): one multi-threaded kernel each way for fp32 on CPU
-    (g++/clang) unless MOA_FUSED_SWIGLU=0 (the switch of the FFN's element-wise middle); Jittor's otherwise."""
+    """max(x, 0), differentiable (gradient 0 at 0 and NaN kept, as torch): one multi-threaded kernel each way for
+    fp32 on CPU (g++/clang) unless MOA_FUSED_SWIGLU=0 (the switch of the FFN's element-wise middle); Jittor's
+    otherwise."""
     use = (x.dtype == "float32" and not jt.flags.use_cuda and jt.flags.cc_type in ("g++", "clang")
            and enabled("fused_swiglu") and len(x.shape) >= 1)
     if not use:
