@@ -10,6 +10,7 @@ switches them all off. Values: 1/true/yes/on or 0/false/no/off; anything else is
 | MOA_FUSED_HEAD | fused_head | vocabulary head + cross-entropy, a vocabulary chunk at a time (losses.py) |
 | MOA_DNNL_BMM | dnnl_bmm | attention's batched GEMMs through oneDNN (kernels.batched_matmul) |
 | MOA_FUSED_SOFTMAX | fused_softmax | causal attention softmax, forward and backward |
+| MOA_FUSED_ATTENTION | fused_attention | encoder–decoder attention: Q·Kᵀ, biased softmax and ·V per head, both ways |
 | MOA_FUSED_NORM | fused_norm | RMSNorm, forward and backward |
 | MOA_FUSED_ROPE | fused_rope | rotary embedding, forward and backward |
 | MOA_FUSED_SWIGLU | fused_swiglu | the FFN's middle: silu(gate)·up, or a plain FFN's relu; forward and backward |
@@ -44,6 +45,7 @@ class KernelConfig:
     fused_head: bool = True
     dnnl_bmm: bool = True
     fused_softmax: bool = True
+    fused_attention: bool = True
     fused_norm: bool = True
     fused_rope: bool = True
     fused_swiglu: bool = True

@@ -467,3 +467,72 @@ def test_fused_biased_softmax_matches_jittor_ops(jt, bshape, S):
     g_got = jt.grad((got * w).sum(), [scores, bias])
     for a, b in zip(g_got, g_ref):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def _np_attention(q, k, v, bias, H, scale):
+    """softmax(scale·q_h·k_hᵀ + bias)·v_h per head in float64; q [B, T, H·hd], k/v [B, S, H·hd]."""
+    B, T, D = q.shape
+    S, hd = k.shape[1], D // H
+    qh = q.reshape(B, T, H, hd).transpose(0, 2, 1, 3).astype(np.float64)
+    kh = k.reshape(B, S, H, hd).transpose(0, 2, 1, 3).astype(np.float64)
+    vh = v.reshape(B, S, H, hd).transpose(0, 2, 1, 3).astype(np.float64)
+    z = scale * qh @ kh.transpose(0, 1, 3, 2) + bias
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ vh).transpose(0, 2, 1, 3).reshape(B, T, D)
+
+
+@pytest.mark.parametrize("bshape", [(2, 1, 1), (1, 3, 5), (2, 3, 5)])
+@pytest.mark.parametrize("S", [5, 37])
+def test_fused_attention_matches_numpy_and_its_gradients_the_unfused_path(jt, bshape, S):
+    """The fused attention core: values against float64 numpy (a masked key included), and the gradients of q, k, v
+    and a trainable bias against the unfused batched GEMMs + biased softmax."""
+    from Models.seq2seq.attention_kernel import fused_attention, fused_attention_available
+    from Models.kernels import batched_matmul
+    from Models.seq2seq.softmax import biased_softmax
+    rng = np.random.default_rng(S)
+    B, T, H, hd, scale = 2, 5, 3, 4, 0.5
+    q = rng.standard_normal((B, T, H * hd)).astype(np.float32)
+    k = rng.standard_normal((B, S, H * hd)).astype(np.float32)
+    v = rng.standard_normal((B, S, H * hd)).astype(np.float32)
+    bias = rng.standard_normal(bshape + (S,)).astype(np.float32)
+    bias[..., 1] = -1e9                                                  # a masked key
+    w = rng.standard_normal((B, T, H * hd)).astype(np.float32)
+    qv, kv, vv, bv = jt.array(q), jt.array(k), jt.array(v), jt.array(bias)
+    assert fused_attention_available(qv, bv)
+    out = fused_attention(qv, kv, vv, bv, H, scale)
+    np.testing.assert_allclose(out.numpy(), _np_attention(q, k, v, bias, H, scale), rtol=1e-5, atol=1e-5)
+
+    def heads(x):
+        return x.reshape(B, -1, H, hd).transpose(0, 2, 1, 3).reshape(B * H, -1, hd)
+    probs = biased_softmax(batched_matmul(heads(qv), heads(kv), transpose_b=True), bv, H, scale)
+    ref = batched_matmul(probs, heads(vv)).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+    wv = jt.array(w)
+    got_g = jt.grad((out * wv).sum(), [qv, kv, vv, bv])
+    ref_g = jt.grad((ref * wv).sum(), [qv, kv, vv, bv])
+    for name, a, b in zip("qkvb", got_g, ref_g):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("style", ["switch", "seed"])
+def test_model_with_fused_attention_equals_the_unfused_path(jt, style):
+    """The whole training forward and every parameter's gradient, fused attention on and off: relative position
+    biases (trainable), padding, the causal mask and cross-attention (switch), the scaled seed style."""
+    from Models import kernel_config
+    model = tiny(jt, style, {"num_experts": 4, "expert_capacity": 3}, vocab_size=97)
+    model.train()
+    x = _inputs()
+    results = []
+    for on in (True, False):
+        before = kernel_config.used["fused_attention"]
+        jt.set_seed(0)                                                  # the same router noise both times
+        with kernel_config.override(fused_attention=on):
+            terms = model.loss_terms(_batch(jt, x))
+            loss = sum(terms.values())
+            names, params = zip(*model.named_parameters())
+            grads = jt.grad(loss, list(params))
+            results.append([loss.item()] + [g.numpy() for g in grads])
+        assert (kernel_config.used["fused_attention"] > before) == on
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    for name, a, b in zip(names, results[0][1:], results[1][1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from Models.kernels import batched_matmul, few_rows_projections
+from Models.seq2seq.attention_kernel import fused_attention, fused_attention_available
 from Models.seq2seq.softmax import biased_softmax, biased_softmax_available
 from Utils.runtime import import_jittor
 
@@ -114,6 +115,10 @@ class Attention(nn.Module):
         [B, H, T, S]; cache: a dict this layer owns (self: grows; cross: K/V once)."""
         B, T, _ = x.shape
         H = self.n_heads
+        if cache is None and (self.dropout_p <= 0 or not self.is_training()) and fused_attention_available(x, bias):
+            src = source if cross else x          # the whole sequence: one fused kernel each way
+            out = fused_attention(self.q(x), self.k(src), self.v(src), bias, H, self.scale)
+            return self.o(out.cast(x.dtype))
         # decoding (a few rows, no gradient): the projections stream their weights once (Models/kernels.py)
         fused = few_rows_projections(x, [self.q] if cross else [self.q, self.k, self.v])
         q = self._heads(fused[0] if fused else self.q(x))
