@@ -22,6 +22,7 @@ import numpy as np
 
 from Models.kernel_config import enabled, note_used
 from Models.kernels import DNNL_SGEMM_DECL, VEC_EXP_HEADER, dnnl_available
+from Models.seq2seq.softmax import bias_gradient
 from Utils.runtime import import_jittor
 
 jt = import_jittor()
@@ -98,13 +99,7 @@ class _FusedAttention(jt.Function):
         self._saved = None
         dq, dk, dv, dz = jt.code([q.shape, k.shape, v.shape, p.shape], ["float32"] * 4,
                                  [q, k, v, p, g.float32(), meta], cpu_header=_HEADER, cpu_src=_BWD)
-        d_bias = None
-        if bias_needs_grad:
-            N, T, S = dz.shape
-            full = dz.reshape(N // H, H, T, S)
-            axes = [a for a, n in enumerate(bshape[:3]) if n == 1 and full.shape[a] != 1]
-            d_bias = full.sum(axes, keepdims=True) if axes else full
-        return dq, dk, dv, d_bias, None, None, None
+        return dq, dk, dv, bias_gradient(dz, bshape, H) if bias_needs_grad else None, None, None, None
 
 
 def fused_attention_available(q, bias):

@@ -62,13 +62,16 @@ class _BiasedSoftmax(jt.Function):
         self._saved = None
         dz = jt.code(p.shape, "float32", [p, g.float32()], cpu_header=_HEADER, cpu_src=_BWD)
         d_scores = dz * scale if scale != 1.0 else dz
-        d_bias = None
-        if bias_needs_grad:
-            N, T, S = dz.shape
-            full = dz.reshape(N // H, H, T, S)
-            axes = [a for a, n in enumerate(bshape[:3]) if n == 1 and full.shape[a] != 1]
-            d_bias = full.sum(axes, keepdims=True) if axes else full
-        return d_scores, d_bias, None, None, None, None
+        return d_scores, bias_gradient(dz, bshape, H) if bias_needs_grad else None, None, None, None, None
+
+
+def bias_gradient(dz, bshape, H):
+    """The gradient of a bias [Bb, Hb, Tb, S] broadcast to [B, H, T, S]: dz [B·H, T, S] (the gradient of the biased
+    logits) summed over the axes the bias was broadcast along."""
+    N, T, S = dz.shape
+    full = dz.reshape(N // H, H, T, S)
+    axes = [a for a, n in enumerate(bshape[:3]) if n == 1 and full.shape[a] != 1]
+    return full.sum(axes, keepdims=True) if axes else full
 
 
 def biased_softmax_available(scores):
